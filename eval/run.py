@@ -1,0 +1,217 @@
+"""Roll out a trained policy and report success with its interval, latency and control frequency.
+
+    python eval/run.py env=robomimic                      # shipped Lift policy, 50 episodes
+    python eval/run.py env=robomimic env.task=can eval.n_episodes=100 eval.video=true
+    python eval/run.py env=robomimic cache=none -m        # hydra multirun
+
+Writes into the run folder: ``config.yaml`` (resolved), ``episodes.jsonl`` (one line per finished
+episode, appended as episodes end), ``summary.json`` and, with ``eval.video=true``, ``videos/``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import hydra  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from bac.metrics import latency_stats, wilson_interval  # noqa: E402
+from bac.rollout import BatchTiming, rollout  # noqa: E402
+from envs import make_env  # noqa: E402
+from policies import load_policy  # noqa: E402
+
+CACHES = ("none",)
+
+
+def resolve_path(p: str) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() or path.exists() else ROOT / path
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def check_env_matches_policy(env, policy) -> None:
+    env_keys = set(env.observation_space.spaces)
+    missing = [k for k in policy.config.obs_keys if k not in env_keys]
+    if missing:
+        raise KeyError(f"the env does not provide observation keys {missing} that the policy needs; it has {sorted(env_keys)}")
+    for key, dim in zip(policy.config.obs_keys, policy.config.obs_dims):
+        shape = env.observation_space[key].shape
+        if int(np.prod(shape)) != dim:
+            raise ValueError(f"env observation {key!r} has shape {shape}; the policy was trained with dimension {dim}")
+    if env.action_space.shape[-1] != policy.config.action_dim:
+        raise ValueError(f"env action dim {env.action_space.shape[-1]} != policy action dim {policy.config.action_dim}")
+
+
+def measure_latency(policy, sample_obs: dict[str, np.ndarray], trials: int, seed: int) -> list[float]:
+    """Time batch-1 ``predict_action`` on observations seen in the rollout (2 warm-up calls excluded)."""
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+    n = next(iter(sample_obs.values())).shape[0]
+    times = []
+    for i in range(trials + 2):
+        obs = {k: torch.from_numpy(v[i % n : i % n + 1]) for k, v in sample_obs.items()}
+        if policy.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        policy.predict_action(obs, generator=gen)
+        if policy.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
+    torch.set_num_threads(int(cfg.threads))
+    if cfg.cache.name not in CACHES:
+        raise ValueError(f"unknown cache {cfg.cache.name!r}; known caches: {list(CACHES)}")
+    device = pick_device(str(cfg.device))
+    policy = load_policy(
+        resolve_path(cfg.policy.checkpoint),
+        device,
+        num_inference_steps=cfg.policy.num_inference_steps,
+        scheduler=cfg.policy.scheduler,
+    )
+    pc = policy.config
+    env_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.env, resolve=True).items() if k != "name"}
+    n_episodes, n_envs = int(cfg.eval.n_episodes), max(1, min(int(cfg.eval.n_envs), int(cfg.eval.n_episodes)))
+    seeds = [int(cfg.eval.seed) + i for i in range(n_episodes)]
+    n_video = int(cfg.eval.n_video) if cfg.eval.video else 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    episodes_path = out_dir / "episodes.jsonl"
+    gen = torch.Generator(device=device).manual_seed(int(cfg.eval.seed))
+    sample_obs: dict[str, np.ndarray] = {}
+
+    def predict(batch: dict[str, np.ndarray]) -> np.ndarray:
+        if not sample_obs:
+            sample_obs.update({k: v.copy() for k, v in batch.items()})
+        obs = {k: torch.from_numpy(v) for k, v in batch.items()}
+        return policy.predict_action(obs, generator=gen)["action"].cpu().numpy()
+
+    results, timing = [], BatchTiming()
+    t_start = time.time()
+    with open(episodes_path, "a") as jsonl:
+
+        def on_end(r) -> None:
+            jsonl.write(json.dumps(r.to_json()) + "\n")
+            jsonl.flush()
+
+        for start in range(0, n_episodes, n_envs):
+            batch_seeds = seeds[start : start + n_envs]
+            record = [start + j < n_video for j in range(len(batch_seeds))]
+            envs = [
+                make_env(cfg.env.name, **env_kwargs, **({"render_mode": "rgb_array"} if rec else {}))
+                for rec in record
+            ]
+            try:
+                if start == 0:
+                    check_env_matches_policy(envs[0], policy)
+                batch_results = rollout(
+                    envs, batch_seeds, predict, pc.n_obs_steps, pc.n_action_steps, int(cfg.env.horizon),
+                    record_video=record, on_episode_end=on_end, timing=timing,
+                )
+            finally:
+                for e in envs:
+                    e.close()
+            results.extend(batch_results)
+            done = len(results)
+            print(f"[{done}/{n_episodes}] success so far {sum(r.success for r in results)}/{done}", flush=True)
+            if n_video:
+                write_videos(out_dir, batch_results, [rec for rec in record], fps=envs[0].metadata.get("render_fps", 20))
+
+    latencies = measure_latency(policy, sample_obs, int(cfg.eval.latency_trials), int(cfg.eval.seed))
+    lat = latency_stats(latencies)
+    env_step = float(np.median(timing.env_step_s)) if timing.env_step_s else 0.0
+    n_succ = sum(r.success for r in results)
+    lo, hi = wilson_interval(n_succ, n_episodes)
+    summary = {
+        "task": cfg.env.task,
+        "env": cfg.env.name,
+        "cache": cfg.cache.name,
+        "loop": cfg.loop.name,
+        "n_episodes": n_episodes,
+        "n_successes": n_succ,
+        "success_rate": n_succ / n_episodes,
+        "success_ci95": [round(lo, 4), round(hi, 4)],
+        "latency_ms": {k: round(v, 2) for k, v in lat.items()},
+        # One control stream at batch 1: a chunk of Ta actions per inference, the sim waiting for it.
+        "inference_hz": round(1000.0 / lat["p50"], 2),
+        "control_hz": round(pc.n_action_steps / (lat["p50"] / 1000.0 + pc.n_action_steps * env_step), 2),
+        "env_step_ms": round(env_step * 1e3, 2),
+        "batched_call_ms": round(1e3 * float(np.median(timing.policy_call_s)), 1),
+        "mean_episode_steps": float(np.mean([r.steps for r in results])),
+        "checkpoint": str(cfg.policy.checkpoint),
+        "scheduler": pc.scheduler,
+        "num_inference_steps": pc.num_inference_steps,
+        "device": device_name(device),
+        "torch_threads": torch.get_num_threads(),
+        "wall_time_s": round(time.time() - t_start, 1),
+        "seeds": [seeds[0], seeds[-1]],
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_table([summary])
+    print(f"results in {out_dir}")
+    return summary
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s))"
+
+
+def write_videos(out_dir: Path, results, record: list[bool], fps: int) -> None:
+    import imageio
+
+    vid_dir = out_dir / "videos"
+    vid_dir.mkdir(exist_ok=True)
+    for r, rec in zip(results, record):
+        if rec and r.frames:
+            tag = "success" if r.success else "fail"
+            imageio.mimsave(vid_dir / f"seed{r.seed}_{tag}.mp4", np.stack(r.frames), fps=fps)
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ["task", "cache", "episodes", "success [95% CI]", "lat p50 ms", "lat p95 ms", "inf Hz", "ctrl Hz", "device"]
+    lines = [head]
+    for s in rows:
+        lo, hi = s["success_ci95"]
+        lines.append([
+            s["task"], s["cache"], str(s["n_episodes"]), f"{s['success_rate']:.2f} [{lo:.2f}, {hi:.2f}]",
+            f"{s['latency_ms']['p50']:.1f}", f"{s['latency_ms']['p95']:.1f}", f"{s['inference_hz']:.2f}",
+            f"{s['control_hz']:.2f}", s["device"],
+        ])
+    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+    for j, r in enumerate(lines):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+@hydra.main(version_base=None, config_path=str(ROOT / "configs"), config_name="config")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

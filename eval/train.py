@@ -1,0 +1,206 @@
+"""Train a transformer Diffusion Policy on a robomimic-layout hdf5 file.
+
+    python eval/train.py --dataset data/lift.hdf5 --out checkpoints/lift --steps 12000
+
+Saves the EMA weights (the ones evaluated) with config, normalizer and a training record every
+``--save-every`` steps; the full training state (weights, EMA, optimizer, step, RNG) goes to
+``train_state.pt`` so an interrupted run continues with ``--resume``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from policies import DiffusionTransformerPolicy, DPTConfig, Normalizer, save_policy  # noqa: E402
+from policies.data import default_obs_keys, file_sha256, load_demos, make_windows  # noqa: E402
+
+
+class EMA:
+    """Exponential moving average of weights with Diffusion Policy's warm-up: decay = 1 - (1 + step)^-0.75."""
+
+    def __init__(self, model: torch.nn.Module, power: float = 0.75, max_decay: float = 0.9999):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.power, self.max_decay = power, max_decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = 0.0 if step <= 0 else min(self.max_decay, 1 - (1 + step) ** -self.power)
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (Linear and attention projections); none on biases, norms and position embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "pos_emb" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def build_policy(args, obs_keys: list[str], obs_dims: list[int], action_dim: int) -> DiffusionTransformerPolicy:
+    config = DPTConfig(
+        obs_keys=obs_keys,
+        obs_dims=obs_dims,
+        action_dim=action_dim,
+        horizon=args.horizon,
+        n_obs_steps=args.n_obs_steps,
+        n_action_steps=args.n_action_steps,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_emb=args.n_emb,
+        p_drop_attn=args.p_drop_attn,
+    )
+    return DiffusionTransformerPolicy(config)
+
+
+def obs_dims_of(path: Path, obs_keys: list[str]) -> list[int]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        first = next(iter(f["data"].values()))
+        return [int(np.prod(first["obs"][k].shape[1:])) for k in obs_keys]
+
+
+def train(args: argparse.Namespace) -> Path:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    state_path = out / "train_state.pt"
+    if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
+        raise FileExistsError(f"{out} already holds a checkpoint; pass --resume to continue it or --overwrite to replace it")
+    dataset = Path(args.dataset)
+    obs_keys = args.obs_keys or default_obs_keys(dataset)
+    _, demos = load_demos(dataset, obs_keys)
+    obs_w, act_w = make_windows(demos, args.horizon, args.n_obs_steps, args.n_action_steps)
+    all_obs = np.concatenate([d["obs"] for d in demos])
+    all_act = np.concatenate([d["actions"] for d in demos])
+    normalizer = Normalizer.fit({"obs": all_obs, "action": all_act})
+    nobs = normalizer.normalize("obs", torch.from_numpy(obs_w))  # (N, To, Do)
+    nact = normalizer.normalize("action", torch.from_numpy(act_w))  # (N, T, Da)
+
+    torch.manual_seed(args.seed)
+    policy = build_policy(args, obs_keys, obs_dims_of(dataset, obs_keys), act_w.shape[-1])
+    policy.set_normalizer(normalizer)
+    ema = EMA(policy)
+    opt = torch.optim.AdamW(optimizer_groups(policy.model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(args.seed)
+    step, losses, curve, elapsed = 0, [], [], 0.0
+    if args.resume and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        policy.load_state_dict(state["policy"])
+        ema.model.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step, curve, elapsed = state["step"], state["curve"], state["elapsed"]
+        print(f"resumed {out} at step {step}")
+    ema.model.set_normalizer(normalizer)
+
+    record = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv) if args.command is None else args.command,
+        "dataset": str(dataset),
+        "dataset_sha256": file_sha256(dataset),
+        "n_demos": len(demos),
+        "n_windows": int(len(nact)),
+        "obs_keys": obs_keys,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "torch": torch.__version__,
+    }
+
+    def save() -> None:
+        rec = dict(record, steps=step, wall_time_s=round(elapsed, 1), loss_curve=curve, final_loss=curve[-1][1] if curve else None)
+        save_policy(ema.model, out, rec)
+        torch.save(
+            {
+                "policy": policy.state_dict(),
+                "ema": ema.model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "step": step,
+                "curve": curve,
+                "elapsed": elapsed,
+            },
+            state_path.with_suffix(".tmp"),
+        )
+        os.replace(state_path.with_suffix(".tmp"), state_path)
+
+    policy.train()
+    bar = tqdm(total=args.steps, initial=step, desc=f"train {out.name}", disable=args.quiet, mininterval=2.0)
+    t_last = time.time()
+    while step < args.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        idx = torch.randint(0, len(nact), (args.batch_size,), generator=gen)
+        loss = policy.compute_loss(nobs[idx], nact[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(policy, step)
+        losses.append(loss.item())
+        step += 1
+        now = time.time()
+        elapsed += now - t_last
+        t_last = now
+        if step % 100 == 0 or step == args.steps:
+            curve.append([step, float(np.mean(losses[-100:]))])
+            bar.set_postfix(loss=f"{curve[-1][1]:.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+        bar.update(1)
+        if step % args.save_every == 0 or step == args.steps:
+            save()
+    bar.close()
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, help="robomimic-layout hdf5 file")
+    p.add_argument("--out", required=True, help="checkpoint folder")
+    p.add_argument("--obs-keys", nargs="+", default=None, help="default: robomimic low-dim keys if present, else all")
+    p.add_argument("--steps", type=int, default=12000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--weight-decay", type=float, default=1e-3)
+    p.add_argument("--horizon", type=int, default=16)
+    p.add_argument("--n-obs-steps", type=int, default=2)
+    p.add_argument("--n-action-steps", type=int, default=8)
+    p.add_argument("--n-layer", type=int, default=8)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-emb", type=int, default=128)
+    p.add_argument("--p-drop-attn", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads; keep 1 when anything else runs")
+    p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint folder")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--command", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    train(parse_args())

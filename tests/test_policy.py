@@ -1,0 +1,153 @@
+"""DP-T model and policy: upstream parameter names and math, shapes, seeded sampling, input validation."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from policies import DiffusionTransformerPolicy, DPTConfig, Normalizer, load_policy, save_policy
+from policies.transformer_for_diffusion import TransformerForDiffusion
+
+# Keys of upstream diffusion_policy's TransformerForDiffusion (obs_as_cond, time_as_cond, n_cond_layers=0),
+# layer 0 only; every other layer repeats the decoder.layers.0 keys.
+UPSTREAM_KEYS = {
+    "pos_emb", "cond_pos_emb", "mask", "memory_mask",
+    "input_emb.weight", "input_emb.bias", "cond_obs_emb.weight", "cond_obs_emb.bias",
+    "encoder.0.weight", "encoder.0.bias", "encoder.2.weight", "encoder.2.bias",
+    "ln_f.weight", "ln_f.bias", "head.weight", "head.bias",
+    *(f"decoder.layers.0.{k}" for k in [
+        "self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight", "self_attn.out_proj.bias",
+        "multihead_attn.in_proj_weight", "multihead_attn.in_proj_bias",
+        "multihead_attn.out_proj.weight", "multihead_attn.out_proj.bias",
+        "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias",
+        "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "norm3.weight", "norm3.bias",
+    ]),
+}
+
+
+def small_config(**kw) -> DPTConfig:
+    base = dict(obs_keys=["a", "b"], obs_dims=[3, 2], action_dim=4, horizon=8, n_obs_steps=2, n_action_steps=4,
+                n_layer=2, n_emb=32, n_head=4, num_train_timesteps=20, num_inference_steps=20)
+    base.update(kw)
+    return DPTConfig(**base)
+
+
+def small_policy(**kw) -> DiffusionTransformerPolicy:
+    torch.manual_seed(0)
+    cfg = small_config(**kw)
+    rng = np.random.default_rng(0)
+    norm = Normalizer.fit({"obs": rng.normal(size=(50, cfg.obs_dim)), "action": rng.normal(size=(50, cfg.action_dim))})
+    return DiffusionTransformerPolicy(cfg, norm).eval()
+
+
+def obs_batch(B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(B, 2, 3, generator=g), "b": torch.randn(B, 2, 2, generator=g)}
+
+
+def test_state_dict_keys_match_upstream():
+    model = TransformerForDiffusion(7, 7, horizon=16, n_obs_steps=2, cond_dim=19, n_layer=1, n_emb=64, n_head=4)
+    assert set(model.state_dict()) == UPSTREAM_KEYS
+    assert model.state_dict()["pos_emb"].shape == (1, 16, 64)
+    assert model.state_dict()["cond_pos_emb"].shape == (1, 3, 64)
+
+
+def test_decoder_matches_torch_transformer_decoder():
+    """Same weights in nn.TransformerDecoder (upstream's building block) give the same output."""
+    torch.manual_seed(0)
+    model = TransformerForDiffusion(7, 7, horizon=16, n_obs_steps=2, cond_dim=19, n_layer=3, n_emb=64).eval()
+    ref = nn.TransformerDecoder(
+        nn.TransformerDecoderLayer(64, 4, 256, 0.1, activation="gelu", batch_first=True, norm_first=True), 3
+    ).eval()
+    ref.load_state_dict({k[len("decoder."):]: v for k, v in model.state_dict().items() if k.startswith("decoder.")})
+    x, memory = torch.randn(2, 16, 64), torch.randn(2, 3, 64)
+    with torch.no_grad():
+        ours = model.decoder(x, memory, model.mask, model.memory_mask)
+        theirs = ref(x, memory, tgt_mask=model.mask, memory_mask=model.memory_mask)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_masks_are_causal_like_upstream():
+    model = TransformerForDiffusion(2, 2, horizon=4, n_obs_steps=2, cond_dim=3, n_layer=1, n_emb=16)
+    assert torch.equal(torch.isinf(model.mask), ~torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+    # action token t sees the time token and obs tokens up to t + 1
+    expected = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(~torch.isinf(model.memory_mask), expected)
+
+
+def test_obs_tokens_path_is_exact():
+    torch.manual_seed(0)
+    model = TransformerForDiffusion(4, 4, horizon=8, n_obs_steps=2, cond_dim=5, n_layer=2, n_emb=32).eval()
+    x, cond = torch.randn(3, 8, 4), torch.randn(3, 2, 5)
+    with torch.no_grad():
+        assert torch.equal(model(x, 7, cond), model(x, 7, obs_tokens=model.encode_obs(cond)))
+
+
+def test_predict_action_shapes_and_seeded_determinism():
+    policy = small_policy()
+    out1 = policy.predict_action(obs_batch(), generator=torch.Generator().manual_seed(5))
+    out2 = policy.predict_action(obs_batch(), generator=torch.Generator().manual_seed(5))
+    out3 = policy.predict_action(obs_batch(), generator=torch.Generator().manual_seed(6))
+    assert out1["action"].shape == (3, 4, 4) and out1["action_pred"].shape == (3, 8, 4)
+    assert torch.equal(out1["action"], out2["action"])
+    assert not torch.equal(out1["action"], out3["action"])
+    # executed actions start at the current observation's step, To - 1
+    assert torch.equal(out1["action"], out1["action_pred"][:, 1:5])
+
+
+def test_ddim_option_runs_fewer_steps():
+    policy = small_policy(scheduler="ddim", num_inference_steps=5)
+    calls = []
+    policy.step_cursor = type("C", (), {"step": lambda self, k, t: calls.append(int(t))})()
+    policy.predict_action(obs_batch(B=1), generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 5 and calls == sorted(calls, reverse=True)
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="DDPM samples with all 20"):
+        small_config(num_inference_steps=10)
+    with pytest.raises(ValueError, match="scheduler 'euler' is unknown"):
+        small_config(scheduler="euler")
+
+
+def test_bad_observations_raise():
+    policy = small_policy()
+    obs = obs_batch()
+    with pytest.raises(KeyError, match=r"missing keys \['b'\]"):
+        policy.predict_action({"a": obs["a"]})
+    with pytest.raises(ValueError, match=r"'a' must have shape \(B, 2, 3\), got \(3, 1, 3\)"):
+        policy.predict_action({"a": obs["a"][:, :1], "b": obs["b"]})
+    bad = obs["b"].clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'b' holds NaN"):
+        policy.predict_action({"a": obs["a"], "b": bad})
+
+
+def test_normalizer_round_trip_and_flat_dims():
+    x = np.stack([np.linspace(-3, 5, 20), np.full(20, 2.0)], -1)
+    norm = Normalizer.fit({"obs": x})
+    y = norm.normalize("obs", torch.tensor(x, dtype=torch.float32))
+    assert y[:, 0].min() == pytest.approx(-1) and y[:, 0].max() == pytest.approx(1)
+    assert torch.allclose(y[:, 1], torch.zeros(20))  # a constant dim is centred, not blown up
+    torch.testing.assert_close(norm.unnormalize("obs", y), torch.tensor(x, dtype=torch.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        Normalizer.fit({"obs": np.array([[np.nan]])})
+
+
+def test_checkpoint_round_trip(tmp_path):
+    policy = small_policy()
+    save_policy(policy, tmp_path, record={"steps": 1})
+    loaded = load_policy(tmp_path)
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    assert torch.equal(policy.predict_action(obs_batch(), g())["action"], loaded.predict_action(obs_batch(), g())["action"])
+    assert json.loads((tmp_path / "config.json").read_text())["policy_type"] == "dpt"
+    ddim = load_policy(tmp_path, num_inference_steps=4, scheduler="ddim")
+    assert ddim.config.num_inference_steps == 4
+
+
+def test_missing_checkpoint_names_file_and_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model.safetensors is missing; train one with `python eval/train.py"):
+        load_policy(tmp_path / "nope")

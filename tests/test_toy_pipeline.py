@@ -1,0 +1,102 @@
+"""End to end on the toy task: collect demos, train a tiny DP-T, evaluate through hydra's compose API."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+import eval.collect as collect
+import eval.run as run
+import eval.train as train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy_checkpoint(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("toy")
+    assert collect.main(["--task", "toy", "--n-demos", "100", "--out", str(d / "toy.hdf5")]) == 0
+    args = train.parse_args([
+        "--dataset", str(d / "toy.hdf5"), "--out", str(d / "ckpt"), "--steps", "2000", "--n-layer", "2",
+        "--n-emb", "64", "--warmup", "100", "--lr", "1e-3", "--p-drop-attn", "0", "--quiet",
+    ])
+    train.train(args)
+    return d / "ckpt"
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def test_trained_toy_policy_succeeds_and_summary_is_valid(toy_checkpoint, tmp_path):
+    cfg = compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "eval.n_episodes=40", "eval.n_envs=40",
+                      "eval.latency_trials=3", "eval.video=true", "eval.n_video=1")
+    summary = run.evaluate(cfg, tmp_path)
+    # A policy that averages the two modes scores 0 (it runs into the wall); the expert scores 1.
+    assert summary["success_rate"] >= 0.6, summary
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    for key in ["task", "cache", "n_episodes", "success_rate", "success_ci95", "latency_ms", "inference_hz",
+                "control_hz", "device"]:
+        assert key in on_disk, key
+    assert on_disk["n_episodes"] == 40 and on_disk["cache"] == "none" and on_disk["task"] == "toy"
+    lo, hi = on_disk["success_ci95"]
+    assert lo <= on_disk["success_rate"] <= hi
+    assert on_disk["latency_ms"]["p50"] <= on_disk["latency_ms"]["p95"]
+    lines = (tmp_path / "episodes.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["seed"] for line in lines) == list(range(40))
+    assert (tmp_path / "config.yaml").exists()
+    assert len(list((tmp_path / "videos").glob("*.mp4"))) == 1
+
+
+def test_crash_keeps_finished_episodes(toy_checkpoint, tmp_path, monkeypatch):
+    cfg = compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "eval.n_episodes=6", "eval.n_envs=3")
+    real_rollout = run.rollout
+    calls = []
+
+    def rollout_then_crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash in the second batch")
+        return real_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(run, "rollout", rollout_then_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run.evaluate(cfg, tmp_path)
+    lines = (tmp_path / "episodes.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["seed"] for line in lines) == [0, 1, 2]
+
+
+def test_unknown_cache_and_task_are_named(toy_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown cache 'magic'; known caches: \['none'\]"):
+        run.evaluate(compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "cache.name=magic"), tmp_path)
+    with pytest.raises(ValueError, match="one task, 'toy'"):
+        run.evaluate(compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "env.task=lift"), tmp_path)
+
+
+def test_env_policy_mismatch_is_named(toy_checkpoint, tmp_path):
+    class WrongEnv:
+        from gymnasium import spaces
+
+        observation_space = spaces.Dict({"agent_pos": spaces.Box(-1, 1, (3,))})
+        action_space = spaces.Box(-1, 1, (2,))
+
+    policy = run.load_policy(toy_checkpoint)
+    with pytest.raises(KeyError, match=r"does not provide observation keys \['goal_pos'\]"):
+        run.check_env_matches_policy(WrongEnv(), policy)
+
+
+def test_train_refuses_to_clobber_and_resumes(toy_checkpoint, tmp_path):
+    data = toy_checkpoint.parent / "toy.hdf5"
+    base = ["--dataset", str(data), "--out", str(tmp_path / "c"), "--n-layer", "1", "--n-emb", "16", "--quiet",
+            "--save-every", "5"]
+    train.train(train.parse_args(base + ["--steps", "10"]))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train.train(train.parse_args(base + ["--steps", "20"]))
+    train.train(train.parse_args(base + ["--steps", "20", "--resume"]))
+    record = json.loads((tmp_path / "c" / "train_record.json").read_text())
+    assert record["steps"] == 20 and len(record["dataset_sha256"]) == 64
+    assert np.isfinite(record["final_loss"])
