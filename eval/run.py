@@ -28,8 +28,7 @@ from bac.metrics import latency_stats, wilson_interval  # noqa: E402
 from bac.rollout import BatchTiming, rollout  # noqa: E402
 from envs import make_env  # noqa: E402
 from policies import load_policy  # noqa: E402
-
-CACHES = ("none",)
+from policies.caching import enable_cache, make_schedule  # noqa: E402
 
 
 def resolve_path(p: str) -> Path:
@@ -78,16 +77,18 @@ def measure_latency(policy, sample_obs: dict[str, np.ndarray], trials: int, seed
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     torch.set_num_threads(int(cfg.threads))
-    if cfg.cache.name not in CACHES:
-        raise ValueError(f"unknown cache {cfg.cache.name!r}; known caches: {list(CACHES)}")
     device = pick_device(str(cfg.device))
+    checkpoint = resolve_path(cfg.policy.checkpoint)
     policy = load_policy(
-        resolve_path(cfg.policy.checkpoint),
-        device,
-        num_inference_steps=cfg.policy.num_inference_steps,
-        scheduler=cfg.policy.scheduler,
+        checkpoint, device, num_inference_steps=cfg.policy.num_inference_steps, scheduler=cfg.policy.scheduler
     )
     pc = policy.config
+    schedule = make_schedule(
+        policy, checkpoint, cfg.cache.name, n_updates=int(cfg.cache.get("n_updates", 10)),
+        n_bubble=int(cfg.cache.get("n_bubble", 0)), metric=str(cfg.cache.get("metric", "cosine")),
+        schedule_path=cfg.cache.get("schedule"),
+    )
+    engine = enable_cache(policy, schedule) if cfg.cache.name != "none" else None
     env_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.env, resolve=True).items() if k != "name"}
     n_episodes, n_envs = int(cfg.eval.n_episodes), max(1, min(int(cfg.eval.n_envs), int(cfg.eval.n_episodes)))
     seeds = [int(cfg.eval.seed) + i for i in range(n_episodes)]
@@ -159,6 +160,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "checkpoint": str(cfg.policy.checkpoint),
         "scheduler": pc.scheduler,
         "num_inference_steps": pc.num_inference_steps,
+        "flops_ratio": round(engine.flops_ratio(), 4) if engine else 1.0,
+        "cache_stats": engine.stats() | {"schedule": schedule_summary(schedule)} if engine else None,
         "device": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "wall_time_s": round(time.time() - t_start, 1),
@@ -168,6 +171,14 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     print_table([summary])
     print(f"results in {out_dir}")
     return summary
+
+
+def schedule_summary(schedule) -> dict:
+    return {
+        "method": schedule.method, "n_updates": schedule.n_updates, "n_bubble": schedule.n_bubble,
+        "metric": schedule.metric, "num_steps": schedule.num_steps,
+        "computed_fraction": round(schedule.computed_fraction(), 4),
+    }
 
 
 def device_name(device: torch.device) -> str:
@@ -190,14 +201,15 @@ def write_videos(out_dir: Path, results, record: list[bool], fps: int) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ["task", "cache", "episodes", "success [95% CI]", "lat p50 ms", "lat p95 ms", "inf Hz", "ctrl Hz", "device"]
+    head = ["task", "cache", "episodes", "success [95% CI]", "lat p50 ms", "lat p95 ms", "inf Hz", "ctrl Hz",
+            "FLOPs", "device"]
     lines = [head]
     for s in rows:
         lo, hi = s["success_ci95"]
         lines.append([
             s["task"], s["cache"], str(s["n_episodes"]), f"{s['success_rate']:.2f} [{lo:.2f}, {hi:.2f}]",
             f"{s['latency_ms']['p50']:.1f}", f"{s['latency_ms']['p95']:.1f}", f"{s['inference_hz']:.2f}",
-            f"{s['control_hz']:.2f}", s["device"],
+            f"{s['control_hz']:.2f}", f"{s.get('flops_ratio', 1.0):.3f}", s["device"],
         ])
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
     for j, r in enumerate(lines):

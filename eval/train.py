@@ -117,8 +117,12 @@ def train(args: argparse.Namespace) -> Path:
         print(f"resumed {out} at step {step}")
     ema.model.set_normalizer(normalizer)
 
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv) if args.command is None else args.command
+    previous = out / "train_record.json"
+    commands = json.loads(previous.read_text()).get("commands", []) if args.resume and previous.exists() else []
     record = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv) if args.command is None else args.command,
+        "command": command,
+        "commands": commands + [f"{command}  # from step {step}"],  # every invocation, resumes included
         "dataset": str(dataset),
         "dataset_sha256": file_sha256(dataset),
         "n_demos": len(demos),

@@ -138,10 +138,14 @@ class DiffusionTransformerPolicy(nn.Module):
         c = self.config
         cond = self.normalizer.normalize("obs", self.check_obs(obs))  # (B, To, Do)
         B = cond.shape[0]
-        obs_tokens = self.model.encode_obs(cond)  # once per chunk, not per denoising step
+        # What does not change across denoising steps is computed once per chunk: the observation
+        # tokens and the time tokens of all K steps.
+        obs_tokens = self.model.encode_obs(cond)  # (B, To, n_emb)
+        self.noise_scheduler.set_timesteps(c.num_inference_steps, device=self.device)
+        time_tokens = self.model.encode_time(self.noise_scheduler.timesteps)  # (K, 1, n_emb)
         noise = torch.randn((B, c.horizon, c.action_dim), generator=generator, device=self.device)
         naction = denoise(
-            lambda x, t: self.model(x, t, obs_tokens=obs_tokens),
+            lambda x, t, k: self.model(x, t, obs_tokens=obs_tokens, time_token=time_tokens[k : k + 1]),
             self.noise_scheduler,
             noise,
             c.num_inference_steps,

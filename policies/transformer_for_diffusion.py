@@ -112,6 +112,9 @@ class TransformerForDiffusion(nn.Module):
     pre-norm decoder layers with causal self-attention and cross-attention to the memory.
     """
 
+    # The residual branches a cache engine may wrap (see bac.engine.find_blocks).
+    cache_blocks = "decoder.layers.*.{sa_block,ca_block,ff_block}"
+
     def __init__(
         self,
         input_dim: int,
@@ -182,12 +185,14 @@ class TransformerForDiffusion(nn.Module):
         timestep: torch.Tensor | int,
         cond: torch.Tensor | None = None,
         obs_tokens: torch.Tensor | None = None,
+        time_token: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """sample (B, T, Da), timestep (B,) or scalar, cond (B, To, Do) -> predicted noise (B, T, Da).
 
         ``obs_tokens`` (from :meth:`encode_obs`) may replace ``cond`` so that a sampler encodes the
         observation once per action chunk instead of once per denoising step; the result is identical
-        because the encoder MLP acts token by token.
+        because the encoder MLP acts token by token. Likewise ``time_token`` (1 or B, 1, n_emb) from
+        :meth:`encode_time` may replace the per-call time embedding.
         """
         B = sample.shape[0]
         timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)
@@ -195,7 +200,9 @@ class TransformerForDiffusion(nn.Module):
             if cond is None:
                 raise ValueError("TransformerForDiffusion needs `cond` (B, To, Do) or precomputed `obs_tokens`")
             obs_tokens = self.encode_obs(cond)
-        memory = torch.cat([self.encode_time(timestep), obs_tokens], dim=1)  # (B, 1 + To, n_emb)
+        if time_token is None:
+            time_token = self.encode_time(timestep)
+        memory = torch.cat([time_token.expand(B, -1, -1), obs_tokens], dim=1)  # (B, 1 + To, n_emb)
         x = self.drop(self.input_emb(sample) + self.pos_emb[:, : sample.shape[1]])
         x = self.decoder(x, memory, self.mask, self.memory_mask)
         return self.head(self.ln_f(x))

@@ -1,6 +1,7 @@
 """DP-T model and policy: upstream parameter names and math, shapes, seeded sampling, input validation."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -100,10 +101,21 @@ def test_predict_action_shapes_and_seeded_determinism():
 
 def test_ddim_option_runs_fewer_steps():
     policy = small_policy(scheduler="ddim", num_inference_steps=5)
-    calls = []
-    policy.step_cursor = type("C", (), {"step": lambda self, k, t: calls.append(int(t))})()
+    calls, sessions = [], []
+
+    class Recorder:
+        @contextlib.contextmanager
+        def session(self, num_steps):
+            sessions.append(num_steps)
+            yield
+
+        def step(self, k, t):
+            calls.append((k, int(t)))
+
+    policy.step_cursor = Recorder()
     policy.predict_action(obs_batch(B=1), generator=torch.Generator().manual_seed(0))
-    assert len(calls) == 5 and calls == sorted(calls, reverse=True)
+    assert sessions == [5] and [k for k, _ in calls] == [0, 1, 2, 3, 4]
+    assert [t for _, t in calls] == sorted((t for _, t in calls), reverse=True)
 
 
 def test_bad_config_is_rejected():

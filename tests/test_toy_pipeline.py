@@ -71,7 +71,7 @@ def test_crash_keeps_finished_episodes(toy_checkpoint, tmp_path, monkeypatch):
 
 
 def test_unknown_cache_and_task_are_named(toy_checkpoint, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown cache 'magic'; known caches: \['none'\]"):
+    with pytest.raises(ValueError, match=r"unknown cache 'magic'; known caches: \['none', 'uniform'"):
         run.evaluate(compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "cache.name=magic"), tmp_path)
     with pytest.raises(ValueError, match="one task, 'toy'"):
         run.evaluate(compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "env.task=lift"), tmp_path)

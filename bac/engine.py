@@ -1,0 +1,285 @@
+"""The cache engine: wraps named residual branches of any model from outside and replays a schedule.
+
+    engine = bac.attach(model)                       # blocks from model.cache_blocks, or a pattern
+    engine.set_schedule(schedule)                    # a bac.schedule.Schedule (mask [n_blocks, K])
+    with engine.session(K):                          # the sampler opens one session per action chunk
+        for k, t in enumerate(timesteps):
+            engine.step(k, t)                        # ... and announces every step before the model call
+            eps = model(x_t, t, cond)                # wrapped branches compute or reuse per mask[b, k]
+    engine.detach()                                  # the model is exactly as before
+
+A *block* is a callable attribute of a submodule whose output is the delta that the caller adds to the
+residual stream (a bound method such as ``decoder.layers.3.ff_block`` or a child module such as
+``transformer_blocks.3.ff``). At a compute step the block runs and its output is kept; at a reuse step
+the kept output is returned without running the block, so the caller computes ``x + delta_cached`` on
+the *current* stream (BAC's residual reuse). The cache lives for one session and is dropped when the
+session ends, also on an exception: nothing leaks across observations, episodes or batches.
+
+Hot path: the mask is a host-side list of booleans built before sampling, so a wrapper decides with a
+Python index and never synchronizes with the device.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from bac.blocks import BlockInfo
+
+# Attribute names of residual branches and the block kind each one is (generic conventions, not models).
+KIND_BY_ATTR = {
+    "sa_block": "attn", "self_attn_block": "attn", "attn": "attn", "attn1": "attn", "self_attn": "attn",
+    "ca_block": "cross_attn", "cross_attn_block": "cross_attn", "attn2": "cross_attn", "cross_attn": "cross_attn",
+    "ff_block": "ffn", "ff": "ffn", "ffn": "ffn", "mlp": "ffn",
+}  # fmt: skip
+# Patterns tried when a model does not declare `cache_blocks` (diffusers and timm-style layouts).
+DEFAULT_PATTERNS = (
+    "decoder.layers.*.{sa_block,ca_block,ff_block}",
+    "transformer_blocks.*.{attn1,attn2,ff}",
+    "blocks.*.{attn,cross_attn,mlp}",
+)
+
+
+def _expand(pattern: str) -> list[str]:
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    return [x for alt in m.group(1).split(",") for x in _expand(pattern[: m.start()] + alt.strip() + pattern[m.end() :])]
+
+
+def find_blocks(model: nn.Module, pattern: str | Sequence[str] | None = None) -> list[tuple[nn.Module, str, BlockInfo]]:
+    """Resolve block patterns (``"<module glob>.<attribute>"``, braces allowed) to (parent, attr, info)."""
+    if pattern is None:
+        pattern = getattr(model, "cache_blocks", None)
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern) if pattern is not None else list(DEFAULT_PATTERNS)
+    modules = dict(model.named_modules())
+    found: list[tuple[nn.Module, str, BlockInfo]] = []
+    for pat in patterns:
+        for full in _expand(pat):
+            prefix, _, attr = full.rpartition(".")
+            for name, mod in modules.items():
+                if name and fnmatch.fnmatchcase(name, prefix) and callable(getattr(mod, attr, None)):
+                    layers = re.findall(r"\.(\d+)(?:\.|$)", "." + name)
+                    kind = KIND_BY_ATTR.get(attr)
+                    if kind is None:
+                        raise ValueError(f"cannot tell the kind of block {name}.{attr}; known attributes: {sorted(KIND_BY_ATTR)}")
+                    found.append((mod, attr, BlockInfo(f"{name}.{attr}", int(layers[-1]) if layers else 0, kind)))
+        if found and pattern is None:
+            break
+    if not found:
+        lists = sorted(n for n, m in modules.items() if isinstance(m, (nn.ModuleList, nn.Sequential)))
+        raise ValueError(f"no blocks match {patterns}; module lists in this model: {lists}")
+    order = {"attn": 0, "cross_attn": 1, "ffn": 2}
+    found.sort(key=lambda f: (f[2].layer, order[f[2].kind], f[2].name))
+    return found
+
+
+@dataclass
+class _Session:
+    num_steps: int
+    mask: list[list[bool]] | None  # [n_blocks][K]; None: compute everything
+    k: int = -1
+    cache: list[torch.Tensor | None] = field(default_factory=list)
+    cache_bytes: int = 0
+
+
+class CacheEngine:
+    """Owns the wrapped blocks, the step cursor and the schedule; see the module docstring."""
+
+    def __init__(self, model: nn.Module, found: list[tuple[nn.Module, str, BlockInfo]]):
+        self.model = model
+        self._targets = [(parent, attr) for parent, attr, _ in found]
+        self.blocks = [info for _, _, info in found]
+        self.schedule = None
+        self._mask_list: list[list[bool]] | None = None
+        self._session: _Session | None = None
+        self._record: dict[str, list[torch.Tensor]] | None = None
+        self._flop_mode = None
+        self.block_flops = np.zeros(len(self.blocks))
+        self._installed: list[tuple[nn.Module, str, bool]] = []  # (object patched, attribute, was a module)
+        self.reset_stats()
+        for b, (parent, attr) in enumerate(self._targets):
+            self._install(b, parent, attr)
+
+    # ------------------------------------------------------------------ wrapping
+    def _install(self, b: int, parent: nn.Module, attr: str) -> None:
+        target = getattr(parent, attr)
+        if isinstance(target, nn.Module):  # wrap the child's forward on the instance
+            obj, name, original = target, "forward", target.forward
+        else:  # a bound method: shadow it with an instance attribute
+            obj, name, original = parent, attr, target
+        if name in obj.__dict__:
+            raise RuntimeError(f"block {self.blocks[b].name} is already wrapped (is another engine attached?)")
+        obj.__dict__[name] = self._make_wrapper(b, original)
+        self._installed.append((obj, name, isinstance(target, nn.Module)))
+
+    def _make_wrapper(self, b: int, original: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            s = self._session
+            if s is None:
+                if self._flop_mode is not None:
+                    before = self._flop_mode.get_total_flops()
+                    out = original(*args, **kwargs)
+                    self.block_flops[b] = self._flop_mode.get_total_flops() - before
+                    return out
+                return original(*args, **kwargs)
+            k = s.k
+            cached = s.cache[b]
+            if cached is not None and s.mask is not None and not s.mask[b][k]:
+                self.reused[b, k] += 1
+                return cached
+            out = original(*args, **kwargs)
+            self.computed[b, k] += 1
+            if s.mask is not None:
+                if cached is None:
+                    s.cache_bytes += out.numel() * out.element_size()
+                s.cache[b] = out
+            if self._record is not None:
+                self._record[self.blocks[b].name].append(out.detach().float().cpu())
+            return out
+
+        return wrapper
+
+    def detach(self) -> None:
+        """Remove every wrapper; the model's modules and methods are exactly as before ``attach``."""
+        for obj, name, _ in self._installed:
+            obj.__dict__.pop(name, None)
+        self._installed.clear()
+        self._session = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._installed)
+
+    # ------------------------------------------------------------------ schedule and cursor
+    def set_schedule(self, schedule) -> None:
+        """Use ``schedule`` (a ``bac.schedule.Schedule``) or ``None`` (compute every block every step)."""
+        if schedule is None:
+            self.schedule, self._mask_list = None, None
+            return
+        schedule.check_compatible(blocks=[b.name for b in self.blocks])
+        mask = schedule.to_mask()  # (n_blocks, K) in schedule.blocks order
+        index = {name: i for i, name in enumerate(schedule.blocks)}
+        self._mask_list = [mask[index[b.name]].tolist() for b in self.blocks]
+        self.schedule = schedule
+
+    @contextmanager
+    def session(self, num_steps: int) -> Iterator["CacheEngine"]:
+        """One sampling run of ``num_steps`` steps; the cache is empty at its start and dropped at its end."""
+        if self._session is not None:
+            raise RuntimeError("a cache session is already open; sessions do not nest")
+        if self.schedule is not None:
+            self.schedule.check_compatible(num_steps=num_steps)
+        if num_steps > self.computed.shape[1]:
+            self._grow_stats(num_steps)
+        self._session = _Session(num_steps, self._mask_list, cache=[None] * len(self.blocks))
+        try:
+            yield self
+        finally:
+            self.peak_cache_bytes = max(self.peak_cache_bytes, self._session.cache_bytes)
+            self._session = None
+            self.n_sessions += 1
+
+    def step(self, k: int, t=None) -> None:
+        """The sampler announces denoising step ``k`` (0-based) with timestep ``t`` before calling the model."""
+        s = self._session
+        if s is None:
+            raise RuntimeError("engine.step() outside engine.session(); the sampler must open a session first")
+        if not 0 <= k < s.num_steps:
+            raise IndexError(f"step {k} is outside the session's {s.num_steps} steps")
+        s.k = k
+
+    # ------------------------------------------------------------------ statistics
+    def reset_stats(self, num_steps: int = 1) -> None:
+        self.computed = np.zeros((len(self.blocks), num_steps), dtype=np.int64)
+        self.reused = np.zeros((len(self.blocks), num_steps), dtype=np.int64)
+        self.peak_cache_bytes = 0
+        self.n_sessions = 0
+
+    def _grow_stats(self, num_steps: int) -> None:
+        pad = num_steps - self.computed.shape[1]
+        self.computed = np.pad(self.computed, ((0, 0), (0, pad)))
+        self.reused = np.pad(self.reused, ((0, 0), (0, pad)))
+
+    @contextmanager
+    def recording(self) -> Iterator[dict[str, list[torch.Tensor]]]:
+        """Keep every block output of every step (for calibration); use with no schedule (compute all)."""
+        self._record = {b.name: [] for b in self.blocks}
+        try:
+            yield self._record
+        finally:
+            self._record = None
+
+    def profile_flops(self, forward: Callable[[], object]) -> dict:
+        """Count matmul FLOPs of one uncached model call, per block and in total (torch's FlopCounterMode).
+
+        Attention score products are counted where torch counts them (CUDA kernels), not on the CPU;
+        at DP-T sizes they are under 2% of a block. Returns {"total", "blocks", "by_kind"} per model call.
+        """
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as mode:
+            self._flop_mode = mode
+            try:
+                with torch.no_grad():
+                    forward()
+            finally:
+                self._flop_mode = None
+        self.model_flops = float(mode.get_total_flops())
+        by_kind: dict[str, float] = {}
+        for info, f in zip(self.blocks, self.block_flops):
+            by_kind[info.kind] = by_kind.get(info.kind, 0.0) + float(f)
+        return {"total": self.model_flops, "blocks": self.block_flops.tolist(), "by_kind": by_kind}
+
+    def flops_ratio(self, mask: np.ndarray | None = None) -> float:
+        """Analytic FLOPs of a sampling run under ``mask`` (default: the schedule) over the uncached run."""
+        if not hasattr(self, "model_flops"):
+            raise RuntimeError("call engine.profile_flops(...) first")
+        if mask is None:
+            mask = np.ones((len(self.blocks), 1), bool) if self.schedule is None else np.asarray(self._mask_list)
+        K = mask.shape[1]
+        overhead = self.model_flops - self.block_flops.sum()
+        cached = K * overhead + float((self.block_flops[:, None] * mask).sum())
+        return cached / (K * self.model_flops)
+
+    def stats(self) -> dict:
+        """Per-block computed/reused counts summed over sessions, and the cache's peak memory."""
+        total = self.computed.sum() + self.reused.sum()
+        return {
+            "blocks": [b.name for b in self.blocks],
+            "computed": self.computed.sum(1).tolist(),
+            "reused": self.reused.sum(1).tolist(),
+            "computed_fraction": float(self.computed.sum() / total) if total else float("nan"),
+            "peak_cache_mb": round(self.peak_cache_bytes / 2**20, 3),
+            "sessions": self.n_sessions,
+        }
+
+
+def attach(model: nn.Module, schedule=None, blocks: str | Sequence[str] | None = None) -> CacheEngine:
+    """Wrap ``model``'s residual branches from outside and return the engine that drives them.
+
+    ``blocks``: a pattern such as ``"decoder.layers.*.{sa_block,ca_block,ff_block}"`` (module glob, then
+    the branch attribute), a list of them, or ``None`` for the model's ``cache_blocks`` declaration or
+    the common layouts in ``DEFAULT_PATTERNS``.
+    """
+    engine = CacheEngine(model, find_blocks(model, blocks))
+    engine.set_schedule(schedule)
+    return engine
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's parameters and buffers (names, shapes and values) to tie schedules to it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

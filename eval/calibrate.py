@@ -1,0 +1,103 @@
+"""Calibrate a checkpoint for caching: record every block at every denoising step, save the similarities.
+
+    python eval/calibrate.py env=robomimic env.task=lift              # the shipped Lift policy, DDPM-100
+    python eval/calibrate.py env=robomimic calibrate.n_obs=16 calibrate.dataset=data/lift.hdf5
+
+Runs the uncached policy on ``calibrate.n_obs`` observations drawn from the training demos, records each
+block's residual delta at each of the K steps, and writes ``<checkpoint>/calibration/<Scheduler>_K<K>.npz``
+(per-block K x K matrices for every metric, Bubbling Union scores) plus schedule JSONs for the
+calibrated methods at the budgets in ``calibrate.n_updates`` under ``<checkpoint>/schedules/``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import hydra  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from bac.calibration import Calibration  # noqa: E402
+from bac.engine import attach  # noqa: E402
+from policies import load_policy  # noqa: E402
+from policies.caching import calibration_path, policy_signature  # noqa: E402
+from policies.data import load_demos  # noqa: E402
+
+SCHEDULE_METHODS = ("unified_acs", "blockwise_acs", "bac")
+
+
+def calibration_obs(policy, dataset: Path, n_obs: int, seed: int) -> dict[str, torch.Tensor]:
+    """``n_obs`` observation histories (key -> (N, To, d)) at random steps of random training demos."""
+    c = policy.config
+    _, demos = load_demos(dataset, c.obs_keys)
+    rng = np.random.default_rng(seed)
+    windows = []
+    for _ in range(n_obs):
+        d = demos[rng.integers(len(demos))]["obs"]
+        t = int(rng.integers(c.n_obs_steps - 1, len(d)))
+        windows.append(d[t - c.n_obs_steps + 1 : t + 1])  # (To, Do)
+    obs = torch.from_numpy(np.stack(windows))  # (N, To, Do)
+    return dict(zip(c.obs_keys, obs.split(c.obs_dims, dim=-1)))
+
+
+def record_features(policy, obs: dict[str, torch.Tensor], seed: int):
+    """Run the uncached policy once on the batch; returns (blocks, {name: (K, N, T*D) float32})."""
+    engine = attach(policy.model)  # no schedule: every block computes, and recording keeps each output
+    policy.step_cursor = engine
+    try:
+        with engine.recording() as rec:
+            policy.predict_action(obs, generator=torch.Generator(device=policy.device).manual_seed(seed))
+    finally:
+        engine.detach()
+        policy.step_cursor = None
+    features = {}
+    for name, outs in rec.items():
+        x = torch.stack(outs)  # (K, N, T, D)
+        features[name] = x.reshape(x.shape[0], x.shape[1], -1).numpy()
+    return engine.blocks, features
+
+
+def calibrate(cfg: DictConfig) -> Path:
+    torch.set_num_threads(int(cfg.threads))
+    ckpt = Path(cfg.policy.checkpoint)
+    ckpt = ckpt if ckpt.is_absolute() or ckpt.exists() else ROOT / ckpt
+    policy = load_policy(ckpt, num_inference_steps=cfg.policy.num_inference_steps, scheduler=cfg.policy.scheduler)
+    dataset = cfg.calibrate.dataset or json.loads((ckpt / "train_record.json").read_text())["dataset"]
+    dataset = Path(dataset) if Path(dataset).is_absolute() or Path(dataset).exists() else ROOT / dataset
+    scheduler, K, model_hash = policy_signature(policy)
+    t0 = time.time()
+    obs = calibration_obs(policy, dataset, int(cfg.calibrate.n_obs), int(cfg.calibrate.seed))
+    blocks, features = record_features(policy, obs, int(cfg.calibrate.seed))
+    shown = dataset.relative_to(ROOT) if dataset.is_relative_to(ROOT) else dataset
+    source = {"dataset": str(shown), "n_obs": int(cfg.calibrate.n_obs), "seed": int(cfg.calibrate.seed)}
+    calib = Calibration.from_features(features, blocks, scheduler=scheduler, model_hash=model_hash, source=source)
+    out = calibration_path(ckpt, scheduler, K)
+    calib.save(out)
+    print(f"calibrated {len(blocks)} blocks x {K} steps on {source['n_obs']} observations in {time.time() - t0:.1f} s -> {out}")
+    sched_dir = ckpt / "schedules"
+    sched_dir.mkdir(exist_ok=True)
+    for S in cfg.calibrate.n_updates:
+        for method in SCHEDULE_METHODS:
+            n = int(cfg.cache.get("n_bubble", 5)) if method == "bac" else 0
+            schedule = calib.schedule(method, int(S), n, str(cfg.cache.get("metric", "cosine")))
+            tag = f"{method}_S{S}" + (f"_n{n}" if method == "bac" else "") + f"_{schedule.metric}_K{K}"
+            schedule.save(sched_dir / f"{tag}.json")
+            print(f"  {tag}: {schedule.computed_fraction():.3f} of block calls computed")
+    return out
+
+
+@hydra.main(version_base=None, config_path=str(ROOT / "configs"), config_name="config")
+def main(cfg: DictConfig) -> None:
+    calibrate(cfg)
+
+
+if __name__ == "__main__":
+    main()
