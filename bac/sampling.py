@@ -12,6 +12,8 @@ from typing import Callable, ContextManager, Protocol
 
 import torch
 
+from bac.stepping import fast_step_for
+
 
 class StepCursor(Protocol):
     """Anything that follows the denoising steps (a cache engine, a recorder)."""
@@ -28,19 +30,25 @@ def denoise(
     num_inference_steps: int,
     generator: torch.Generator | None = None,
     cursor: StepCursor | None = None,
+    fast: bool = True,
 ) -> torch.Tensor:
     """Run ``K = num_inference_steps`` reverse steps from ``noise`` and return the clean sample.
 
     ``model_fn(x_t, t, k)`` returns the scheduler's model output (e.g. the predicted noise) with x_t's
     shape; ``k`` lets it look up per-step values it precomputed (time embeddings). ``generator`` drives the scheduler's stochastic steps (DDPM), so a seeded generator makes
-    sampling reproducible.
+    sampling reproducible. With ``fast`` (default) DDPM and DDIM steps run as precomputed tensor ops
+    (``bac.stepping``), identical to the scheduler's own ``step``; other schedulers use ``step``.
     """
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    fast_step = fast_step_for(scheduler) if fast else None  # DDPM/DDIM as precomputed tensor ops
     x = noise
     with cursor.session(len(scheduler.timesteps)) if cursor is not None else nullcontext():
         for k, t in enumerate(scheduler.timesteps):
             if cursor is not None:
                 cursor.step(k, t)
             out = model_fn(x, t, k)
-            x = scheduler.step(out, t, x, generator=generator).prev_sample
+            if fast_step is not None:
+                x = fast_step(out, k, x, generator)
+            else:
+                x = scheduler.step(out, t, x, generator=generator).prev_sample
     return x

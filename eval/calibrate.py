@@ -28,7 +28,7 @@ from omegaconf import DictConfig  # noqa: E402
 from bac.calibration import Calibration  # noqa: E402
 from bac.engine import attach  # noqa: E402
 from policies import load_policy  # noqa: E402
-from policies.caching import calibration_path, policy_signature  # noqa: E402
+from policies.caching import bench_obs_path, calibration_path, policy_signature  # noqa: E402
 from policies.data import load_demos  # noqa: E402
 
 SCHEDULE_METHODS = ("unified_acs", "blockwise_acs", "bac")
@@ -81,6 +81,8 @@ def calibrate(cfg: DictConfig) -> Path:
     calib = Calibration.from_features(features, blocks, scheduler=scheduler, model_hash=model_hash, source=source)
     out = calibration_path(ckpt, scheduler, K)
     calib.save(out)
+    held_out = calibration_obs(policy, dataset, int(cfg.calibrate.n_bench_obs), int(cfg.calibrate.seed) + 1)
+    np.savez_compressed(bench_obs_path(ckpt), **{k: v.numpy() for k, v in held_out.items()})
     print(f"calibrated {len(blocks)} blocks x {K} steps on {source['n_obs']} observations in {time.time() - t0:.1f} s -> {out}")
     sched_dir = ckpt / "schedules"
     sched_dir.mkdir(exist_ok=True)

@@ -21,6 +21,11 @@ def calibration_path(checkpoint: str | Path, scheduler: str, num_steps: int) -> 
     return Path(checkpoint) / "calibration" / f"{scheduler}_K{num_steps}.npz"
 
 
+def bench_obs_path(checkpoint: str | Path) -> Path:
+    """Held-out observations (key -> (N, To, d)) that eval/calibrate.py saves for eval/bench.py."""
+    return Path(checkpoint) / "calibration" / "bench_obs.npz"
+
+
 def policy_signature(policy) -> tuple[str, int, str]:
     """(scheduler class name, K, model fingerprint): what a schedule must have been made for."""
     return type(policy.noise_scheduler).__name__, policy.config.num_inference_steps, fingerprint(policy.model)

@@ -1,0 +1,135 @@
+"""Benchmark cache methods on one checkpoint, in one process, on one device, interleaved.
+
+    python eval/bench.py env=robomimic env.task=can
+    python eval/bench.py env=robomimic bench.caches=[none,uniform,bac] bench.n_updates=[5,10,20]
+
+For every cache config it times batch-1 ``predict_action`` (median and p95 over ``bench.trials`` rounds;
+in each round every config runs once, so drift in machine load hits all of them alike), reports the
+speedup against ``cache=none`` measured in the same rounds, the analytic FLOPs ratio, and the action MSE
+against the uncached chunk from identical noise on held-out observations. Writes ``bench.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import hydra  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from bac.metrics import latency_stats  # noqa: E402
+from policies import load_policy  # noqa: E402
+from policies.caching import bench_obs_path, disable_cache, enable_cache, make_schedule  # noqa: E402
+
+
+def load_bench_obs(policy, checkpoint: Path, n: int) -> dict[str, torch.Tensor]:
+    """Held-out observations saved by eval/calibrate.py (key -> (N, To, d))."""
+    path = bench_obs_path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; make it with `python eval/calibrate.py policy.checkpoint={checkpoint}`")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: torch.from_numpy(z[k][:n]) for k in policy.config.obs_keys}
+
+
+def bench(cfg: DictConfig, out_dir: Path) -> list[dict]:
+    torch.set_num_threads(int(cfg.threads))
+    from eval.run import device_name, pick_device, resolve_path
+
+    device = pick_device(str(cfg.device))
+    checkpoint = resolve_path(cfg.policy.checkpoint)
+    policy = load_policy(checkpoint, device, num_inference_steps=cfg.policy.num_inference_steps,
+                         scheduler=cfg.policy.scheduler)
+    obs = load_bench_obs(policy, checkpoint, int(cfg.bench.n_obs))
+    obs = {k: v.to(device) for k, v in obs.items()}
+    configs = []  # (label, cache name, S, schedule)
+    for name in cfg.bench.caches:
+        for S in ([None] if name == "none" else cfg.bench.n_updates):
+            schedule = make_schedule(policy, checkpoint, name, n_updates=int(S or 0), n_bubble=int(cfg.bench.n_bubble),
+                                     metric=str(cfg.bench.metric))
+            configs.append((name if S is None else f"{name}@S{S}", name, S, schedule))
+
+    def run(o, seed):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return policy.predict_action(o, generator=gen)["action"]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # Action error: every config on every held-out observation, identical noise per observation.
+    one = [{k: v[i : i + 1] for k, v in obs.items()} for i in range(next(iter(obs.values())).shape[0])]
+    reference = [run(o, 1000 + i) for i, o in enumerate(one)]
+    rows = {}
+    for label, name, S, schedule in configs:
+        engine = enable_cache(policy, schedule) if name != "none" else None
+        mse = float(np.mean([(run(o, 1000 + i) - reference[i]).pow(2).mean().item() for i, o in enumerate(one)]))
+        rows[label] = {"cache": name, "n_updates": S, "action_mse": mse, "times": [],
+                       "flops_ratio": engine.flops_ratio() if engine else 1.0,
+                       "computed_fraction": schedule.computed_fraction() if schedule else 1.0}
+        if engine:
+            disable_cache(policy, engine)
+    # Latency: interleaved rounds; attach/detach between configs so `none` runs with no engine at all.
+    for r in range(int(cfg.bench.warmup) + int(cfg.bench.trials)):
+        for label, name, S, schedule in configs:
+            engine = enable_cache(policy, schedule) if name != "none" else None
+            o = one[r % len(one)]
+            sync()
+            t0 = time.perf_counter()
+            run(o, r)
+            sync()
+            if r >= int(cfg.bench.warmup):
+                rows[label]["times"].append(time.perf_counter() - t0)
+            if engine:
+                disable_cache(policy, engine)
+    base = np.median(rows["none"]["times"]) if "none" in rows else None
+    out = []
+    for label, row in rows.items():
+        lat = latency_stats(row.pop("times"))
+        med = lat["p50"] / 1e3
+        out.append({"config": label, **row, "latency_ms": {k: round(v, 2) for k, v in lat.items()},
+                    "speedup": round(base / med, 2) if base else None,
+                    "speedup_vs_flops": round((base / med) * row["flops_ratio"], 3) if base else None,
+                    "device": device_name(device)})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"task": cfg.env.task, "checkpoint": str(cfg.policy.checkpoint), "scheduler": policy.config.scheduler,
+            "num_inference_steps": policy.config.num_inference_steps, "n_emb": policy.config.n_emb,
+            "n_layer": policy.config.n_layer, "trials": int(cfg.bench.trials), "n_obs": len(one),
+            "torch_threads": torch.get_num_threads(), "device": device_name(device)}
+    (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": out}, indent=2) + "\n")
+    print_bench(meta, out)
+    print(f"results in {out_dir}")
+    return out
+
+
+def print_bench(meta: dict, rows: list[dict]) -> None:
+    print(f"{meta['task']}: {meta['scheduler']}-{meta['num_inference_steps']}, {meta['n_layer']} layers x "
+          f"{meta['n_emb']}, {meta['trials']} interleaved rounds, {meta['device']}")
+    head = ["config", "p50 ms", "p95 ms", "speedup", "FLOPs ratio", "speedup/ceiling", "action MSE"]
+    lines = [head] + [[
+        r["config"], f"{r['latency_ms']['p50']:.1f}", f"{r['latency_ms']['p95']:.1f}", f"{r['speedup']:.2f}x",
+        f"{r['flops_ratio']:.3f} ({1 / r['flops_ratio']:.1f}x)", f"{r['speedup_vs_flops']:.2f}", f"{r['action_mse']:.2e}",
+    ] for r in rows]
+    widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
+    for j, line in enumerate(lines):
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+@hydra.main(version_base=None, config_path=str(ROOT / "configs"), config_name="config")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    bench(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()
