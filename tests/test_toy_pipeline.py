@@ -100,3 +100,32 @@ def test_train_refuses_to_clobber_and_resumes(toy_checkpoint, tmp_path):
     record = json.loads((tmp_path / "c" / "train_record.json").read_text())
     assert record["steps"] == 20 and len(record["dataset_sha256"]) == 64
     assert np.isfinite(record["final_loss"])
+
+
+def test_calibrate_bench_and_cached_rollouts(toy_checkpoint, tmp_path):
+    import eval.bench as bench
+    import eval.calibrate as calibrate
+
+    data = toy_checkpoint.parent / "toy.hdf5"
+    base = ["env=toy", f"policy.checkpoint={toy_checkpoint}", f"calibrate.dataset={data}", "calibrate.n_obs=4",
+            "calibrate.n_updates=[5,10]"]
+    out = calibrate.calibrate(compose_cfg(*base))
+    assert out.exists() and (toy_checkpoint / "schedules" / "bac_S10_n5_cosine_K100.json").exists()
+    rows = bench.bench(compose_cfg(*base, "bench.trials=2", "bench.warmup=1", "bench.n_obs=2"), tmp_path / "bench")
+    by = {r["config"]: r for r in rows}
+    assert set(by) == {"none", "uniform@S10", "unified_acs@S10", "blockwise_acs@S10", "bac@S10"}
+    assert by["none"]["action_mse"] == 0.0 and by["none"]["speedup"] == 1.0
+    assert all(0 < r["flops_ratio"] < 1 and r["action_mse"] > 0 for c, r in by.items() if c != "none")
+    assert by["bac@S10"]["flops_ratio"] > by["blockwise_acs@S10"]["flops_ratio"]  # the union adds updates
+    saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert {"cache", "latency_ms", "speedup", "flops_ratio", "action_mse", "device"} <= set(saved["rows"][0])
+    summary = run.evaluate(compose_cfg(*base, "cache=bac", "eval.n_episodes=10", "eval.n_envs=10",
+                                       "eval.latency_trials=2"), tmp_path / "run")
+    assert summary["cache"] == "bac" and 0 < summary["flops_ratio"] < 1
+    assert summary["cache_stats"]["reused"] and sum(summary["cache_stats"]["reused"]) > 0
+    import eval.figures as figures
+
+    figures.main(["heatmaps", "--checkpoint", str(toy_checkpoint), "--out", str(tmp_path / "h.png")])
+    figures.main(["step-error", "--checkpoint", str(toy_checkpoint), "--out", str(tmp_path / "e.png")])
+    figures.main(["hz-success", str(tmp_path / "run"), "--out", str(tmp_path / "z.png")])
+    assert all((tmp_path / f).stat().st_size > 10_000 for f in ["h.png", "e.png", "z.png"])

@@ -1,0 +1,171 @@
+"""Figures for a calibrated checkpoint and for finished runs (PNG).
+
+    python eval/figures.py heatmaps --checkpoint checkpoints/lift            # per-block similarity heatmaps
+    python eval/figures.py step-error --checkpoint checkpoints/lift          # per-step error: block-wise ACS vs BAC
+    python eval/figures.py hz-success results/2026-11-25 --out docs/hz_success.png   # from summary.json files
+
+The step-error figure runs the uncached sampler on held-out benchmark observations, then feeds each
+step's x_k to the cached denoiser and plots its output error at that step (teacher forcing, so the curve
+shows the error each step makes, not accumulated drift); FFN update steps of the block-wise schedule are
+marked.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bac.calibration import Calibration  # noqa: E402
+from policies import load_policy  # noqa: E402
+from policies.caching import calibration_path, disable_cache, enable_cache, make_schedule, policy_signature  # noqa: E402
+
+
+def heatmaps(checkpoint: Path, metric: str, out: Path) -> Path:
+    policy = load_policy(checkpoint)
+    scheduler, K, _ = policy_signature(policy)
+    calib = Calibration.load(calibration_path(checkpoint, scheduler, K))
+    n = len(calib.blocks)
+    cols = 3
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.6 * rows), squeeze=False)
+    for ax, block, sim in zip(axes.flat, calib.blocks, calib.sims[metric]):
+        im = ax.imshow(sim, cmap="viridis", origin="upper")
+        ax.set_title(f"L{block.layer} {block.kind}", fontsize=9)
+        ax.set_xticks([0, K - 1])
+        ax.set_yticks([0, K - 1])
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"{checkpoint.name}: {metric} between block outputs at denoising steps i, j ({scheduler}, K={K})")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
+@torch.no_grad()
+def step_errors(policy, schedule, obs) -> np.ndarray:
+    """Error of the cached denoiser output at each step k on the *uncached* trajectory's x_k (teacher
+    forcing), so each step's value is the caching error made at that step, not an accumulated drift: (K,)."""
+    from bac.stepping import fast_step_for
+
+    model, c = policy.model, policy.config
+    cond = policy.normalizer.normalize("obs", policy.check_obs(obs))
+    obs_tokens = model.encode_obs(cond)
+    sched = policy.noise_scheduler
+    sched.set_timesteps(c.num_inference_steps)
+    time_tokens = model.encode_time(sched.timesteps)
+    step = fast_step_for(sched)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(cond.shape[0], c.horizon, c.action_dim, generator=g)
+    xs, ref = [], []
+    for k, t in enumerate(sched.timesteps):
+        xs.append(x)
+        ref.append(model(x, t, obs_tokens=obs_tokens, time_token=time_tokens[k : k + 1]))
+        x = step(ref[-1], k, x, g)
+    engine = enable_cache(policy, schedule)
+    errs = []
+    try:
+        with engine.session(len(xs)):
+            for k, t in enumerate(sched.timesteps):
+                engine.step(k, t)
+                out = model(xs[k], t, obs_tokens=obs_tokens, time_token=time_tokens[k : k + 1])
+                errs.append((out - ref[k]).pow(2).mean().item())
+    finally:
+        disable_cache(policy, engine)
+    return np.array(errs)
+
+
+def step_error(checkpoint: Path, n_updates: int, n_bubble: int, out: Path) -> Path:
+    from eval.bench import load_bench_obs
+
+    policy = load_policy(checkpoint)
+    obs = load_bench_obs(policy, checkpoint, 8)
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    for method, color in [("uniform", "tab:gray"), ("unified_acs", "tab:blue"), ("blockwise_acs", "tab:orange"),
+                          ("bac", "tab:green")]:
+        err = step_errors(policy, make_schedule(policy, checkpoint, method, n_updates=n_updates, n_bubble=n_bubble), obs)
+        ax.semilogy(err + 1e-12, color=color, label=f"{method} (mean {err.mean():.2e})", lw=1.4)
+    blockwise = make_schedule(policy, checkpoint, "blockwise_acs", n_updates=n_updates)
+    scheduler, K, _ = policy_signature(policy)
+    ffn = {b.name for b in Calibration.load(calibration_path(checkpoint, scheduler, K)).blocks if b.kind == "ffn"}
+    ffn_steps = sorted({k for b, steps in blockwise.steps.items() if b in ffn for k in steps})
+    for k in ffn_steps:
+        ax.axvline(k, color="tab:orange", alpha=0.15, lw=1)
+    ax.set_xlabel("denoising step k (shaded: FFN update steps of block-wise ACS)")
+    ax.set_ylabel("MSE of predicted noise vs uncached\n(same x_k, teacher-forced)")
+    ax.set_title(f"{checkpoint.name}: per-step error at S={n_updates} (BAC n={n_bubble})")
+    ax.legend(fontsize=7, ncol=2, loc="lower center")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def hz_success(result_dirs: list[Path], out: Path, hz_key: str = "inference_hz") -> Path:
+    summaries = [json.loads(p.read_text()) for d in result_dirs for p in sorted(d.rglob("summary.json"))]
+    if not summaries:
+        raise FileNotFoundError(f"no summary.json under {[str(d) for d in result_dirs]}")
+    tasks = sorted({s["task"] for s in summaries})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for s in (s for s in summaries if s["task"] == task):
+            lo, hi = s["success_ci95"]
+            ax.errorbar(s[hz_key], s["success_rate"], yerr=[[s["success_rate"] - lo], [hi - s["success_rate"]]],
+                        fmt="o", capsize=3)
+            stats = s.get("cache_stats") or {}
+            label = s["cache"] + (f" S={stats['schedule']['n_updates']}" if stats.get("schedule", {}).get("n_updates") else "")
+            ax.annotate(label, (s[hz_key], s["success_rate"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{hz_key.replace('_', ' ')} (batch 1, {summaries[0]['device'].split(',')[0]})")
+        ax.set_ylabel("success rate (95% CI)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    h = sub.add_parser("heatmaps")
+    h.add_argument("--checkpoint", required=True)
+    h.add_argument("--metric", default="cosine")
+    h.add_argument("--out", default=None)
+    e = sub.add_parser("step-error")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--n-updates", type=int, default=10)
+    e.add_argument("--n-bubble", type=int, default=5)
+    e.add_argument("--out", default=None)
+    z = sub.add_parser("hz-success")
+    z.add_argument("results", nargs="+")
+    z.add_argument("--out", required=True)
+    z.add_argument("--hz", default="inference_hz", choices=["inference_hz", "control_hz"])
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if a.cmd == "heatmaps":
+        ckpt = Path(a.checkpoint)
+        path = heatmaps(ckpt, a.metric, Path(a.out or ckpt / "calibration" / f"heatmaps_{a.metric}.png"))
+    elif a.cmd == "step-error":
+        ckpt = Path(a.checkpoint)
+        path = step_error(ckpt, a.n_updates, a.n_bubble, Path(a.out or ckpt / "calibration" / f"step_error_S{a.n_updates}.png"))
+    else:
+        path = hz_success([Path(r) for r in a.results], Path(a.out), a.hz)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
