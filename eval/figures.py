@@ -66,14 +66,14 @@ def step_errors(policy, schedule, obs) -> np.ndarray:
     obs_tokens = model.encode_obs(cond)
     sched = policy.noise_scheduler
     sched.set_timesteps(c.num_inference_steps)
-    time_tokens = model.encode_time(sched.timesteps)
+    memory = model.memory(obs_tokens, model.encode_time(sched.timesteps))  # (K, B, 1 + To, n_emb)
     step = fast_step_for(sched)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cond.shape[0], c.horizon, c.action_dim, generator=g)
     xs, ref = [], []
     for k, t in enumerate(sched.timesteps):
         xs.append(x)
-        ref.append(model(x, t, obs_tokens=obs_tokens, time_token=time_tokens[k : k + 1]))
+        ref.append(model(x, t, memory=memory[k]))
         x = step(ref[-1], k, x, g)
     engine = enable_cache(policy, schedule)
     errs = []
@@ -81,7 +81,7 @@ def step_errors(policy, schedule, obs) -> np.ndarray:
         with engine.session(len(xs)):
             for k, t in enumerate(sched.timesteps):
                 engine.step(k, t)
-                out = model(xs[k], t, obs_tokens=obs_tokens, time_token=time_tokens[k : k + 1])
+                out = model(xs[k], t, memory=memory[k])
                 errs.append((out - ref[k]).pow(2).mean().item())
     finally:
         disable_cache(policy, engine)

@@ -70,8 +70,8 @@ def enable_cache(policy, schedule: Schedule | None) -> CacheEngine:
     x = torch.zeros(1, c.horizon, c.action_dim, device=policy.device)
     with torch.no_grad():  # one denoising step as predict_action runs it: condition tokens precomputed
         obs_tokens = model.encode_obs(torch.zeros(1, c.n_obs_steps, c.obs_dim, device=policy.device))
-        time_token = model.encode_time(torch.zeros(1, dtype=torch.long, device=policy.device))
-    engine.profile_flops(lambda: model(x, 0, obs_tokens=obs_tokens, time_token=time_token))
+        memory = model.memory(obs_tokens, model.encode_time(torch.zeros(1, dtype=torch.long, device=policy.device)))
+    engine.profile_flops(lambda: model(x, 0, memory=memory[0]))
     policy.step_cursor = engine
     return engine
 

@@ -143,9 +143,10 @@ class DiffusionTransformerPolicy(nn.Module):
         obs_tokens = self.model.encode_obs(cond)  # (B, To, n_emb)
         self.noise_scheduler.set_timesteps(c.num_inference_steps, device=self.device)
         time_tokens = self.model.encode_time(self.noise_scheduler.timesteps)  # (K, 1, n_emb)
+        memory = self.model.memory(obs_tokens, time_tokens)  # (K, B, 1 + To, n_emb)
         noise = torch.randn((B, c.horizon, c.action_dim), generator=generator, device=self.device)
         naction = denoise(
-            lambda x, t, k: self.model(x, t, obs_tokens=obs_tokens, time_token=time_tokens[k : k + 1]),
+            lambda x, t, k: self.model(x, t, memory=memory[k]),
             self.noise_scheduler,
             noise,
             c.num_inference_steps,

@@ -179,30 +179,31 @@ class TransformerForDiffusion(nn.Module):
         x = self.drop(self.time_emb(timestep)[:, None] + self.cond_pos_emb[:, :1])
         return self.encoder(x)
 
+    def memory(self, obs_tokens: torch.Tensor, time_tokens: torch.Tensor) -> torch.Tensor:
+        """Memories of K denoising steps at once: obs_tokens (B, To, n_emb), time_tokens (K, 1, n_emb)
+        -> (K, B, 1 + To, n_emb)."""
+        K, B = time_tokens.shape[0], obs_tokens.shape[0]
+        return torch.cat([time_tokens[:, None].expand(K, B, 1, -1), obs_tokens[None].expand(K, -1, -1, -1)], dim=2)
+
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | int,
         cond: torch.Tensor | None = None,
-        obs_tokens: torch.Tensor | None = None,
-        time_token: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """sample (B, T, Da), timestep (B,) or scalar, cond (B, To, Do) -> predicted noise (B, T, Da).
 
-        ``obs_tokens`` (from :meth:`encode_obs`) may replace ``cond`` so that a sampler encodes the
-        observation once per action chunk instead of once per denoising step; the result is identical
-        because the encoder MLP acts token by token. Likewise ``time_token`` (1 or B, 1, n_emb) from
-        :meth:`encode_time` may replace the per-call time embedding.
+        ``memory`` (B, 1 + To, n_emb) may replace ``cond``: a sampler computes the observation and time
+        tokens of all K steps once per action chunk (:meth:`memory`) instead of once per denoising step.
+        The result is the same because the condition MLP acts token by token.
         """
-        B = sample.shape[0]
-        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)
-        if obs_tokens is None:
+        if memory is None:
             if cond is None:
-                raise ValueError("TransformerForDiffusion needs `cond` (B, To, Do) or precomputed `obs_tokens`")
-            obs_tokens = self.encode_obs(cond)
-        if time_token is None:
-            time_token = self.encode_time(timestep)
-        memory = torch.cat([time_token.expand(B, -1, -1), obs_tokens], dim=1)  # (B, 1 + To, n_emb)
+                raise ValueError("TransformerForDiffusion needs `cond` (B, To, Do) or a precomputed `memory`")
+            B = sample.shape[0]
+            timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)
+            memory = torch.cat([self.encode_time(timestep), self.encode_obs(cond)], dim=1)  # (B, 1 + To, n_emb)
         x = self.drop(self.input_emb(sample) + self.pos_emb[:, : sample.shape[1]])
         x = self.decoder(x, memory, self.mask, self.memory_mask)
         return self.head(self.ln_f(x))

@@ -79,12 +79,14 @@ def test_masks_are_causal_like_upstream():
     assert torch.equal(~torch.isinf(model.memory_mask), expected)
 
 
-def test_obs_tokens_path_is_exact():
+def test_precomputed_memory_path_matches():
     torch.manual_seed(0)
     model = TransformerForDiffusion(4, 4, horizon=8, n_obs_steps=2, cond_dim=5, n_layer=2, n_emb=32).eval()
     x, cond = torch.randn(3, 8, 4), torch.randn(3, 2, 5)
     with torch.no_grad():
-        assert torch.equal(model(x, 7, cond), model(x, 7, obs_tokens=model.encode_obs(cond)))
+        memory = model.memory(model.encode_obs(cond), model.encode_time(torch.tensor([9, 7])))  # (2, 3, 3, 32)
+        assert memory.shape == (2, 3, 3, 32)
+        torch.testing.assert_close(model(x, 7, cond), model(x, 7, memory=memory[1]), rtol=1e-6, atol=1e-6)
 
 
 def test_predict_action_shapes_and_seeded_determinism():
