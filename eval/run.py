@@ -186,7 +186,13 @@ def device_name(device: torch.device) -> str:
         return f"cuda ({torch.cuda.get_device_name(device)})"
     import platform
 
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s))"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu ({name}, {torch.get_num_threads()} thread(s))"
 
 
 def write_videos(out_dir: Path, results, record: list[bool], fps: int) -> None:

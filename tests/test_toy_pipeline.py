@@ -129,3 +129,7 @@ def test_calibrate_bench_and_cached_rollouts(toy_checkpoint, tmp_path):
     figures.main(["step-error", "--checkpoint", str(toy_checkpoint), "--out", str(tmp_path / "e.png")])
     figures.main(["hz-success", str(tmp_path / "run"), "--out", str(tmp_path / "z.png")])
     assert all((tmp_path / f).stat().st_size > 10_000 for f in ["h.png", "e.png", "z.png"])
+    import eval.report as report
+
+    md = report.table(report.load([tmp_path / "run"]))
+    assert "| toy | bac | 10 | 5 | 10 |" in md
