@@ -86,16 +86,24 @@ class _Session:
     mask: list[list[bool]] | None  # [n_blocks][K]; None: compute everything
     k: int = -1
     cache: list[torch.Tensor | None] = field(default_factory=list)
+    fused: list[torch.Tensor | None] = field(default_factory=list)  # per fused layer: sum of its cached deltas
     cache_bytes: int = 0
 
 
 class CacheEngine:
     """Owns the wrapped blocks, the step cursor and the schedule; see the module docstring."""
 
-    def __init__(self, model: nn.Module, found: list[tuple[nn.Module, str, BlockInfo]]):
+    def __init__(self, model: nn.Module, found: list[tuple[nn.Module, str, BlockInfo]], fuse_layers: bool = True):
         self.model = model
         self._targets = [(parent, attr) for parent, attr, _ in found]
         self.blocks = [info for _, _, info in found]
+        # Layers declared by the model as "output = input + sum of my blocks' outputs" (``cache_layers``):
+        # when all their blocks reuse at a step, one add of the summed deltas replaces the whole layer.
+        self._layers: list[tuple[nn.Module, list[int]]] = []
+        self._layer_of: list[int | None] = [None] * len(self.blocks)
+        if fuse_layers:
+            self._find_layers(getattr(model, "cache_layers", None))
+        self._layer_reuse: list[list[bool]] | None = None
         self.schedule = None
         self._mask_list: list[list[bool]] | None = None
         self._session: _Session | None = None
@@ -106,7 +114,38 @@ class CacheEngine:
         self.reset_stats()
         for b, (parent, attr) in enumerate(self._targets):
             self._install(b, parent, attr)
+        for li, (layer, _) in enumerate(self._layers):
+            if "forward" in layer.__dict__:
+                raise RuntimeError(f"layer {type(layer).__name__} is already wrapped (is another engine attached?)")
+            layer.__dict__["forward"] = self._make_layer_wrapper(li, layer.forward)
+            self._installed.append((layer, "forward", True))
 
+    def _find_layers(self, pattern: str | None) -> None:
+        if not pattern:
+            return
+        for name, mod in self.model.named_modules():
+            if name and fnmatch.fnmatchcase(name, pattern):
+                idxs = [b for b, (parent, _) in enumerate(self._targets) if parent is mod]
+                if idxs:
+                    for b in idxs:
+                        self._layer_of[b] = len(self._layers)
+                    self._layers.append((mod, idxs))
+
+    def _make_layer_wrapper(self, li: int, original: Callable) -> Callable:
+        idxs = self._layers[li][1]
+
+        def layer_wrapper(x, *args, **kwargs):
+            s = self._session
+            if s is None or s.mask is None or not self._layer_reuse[li][s.k] or s.cache[idxs[0]] is None:
+                return original(x, *args, **kwargs)
+            fused = s.fused[li]
+            if fused is None:
+                fused = s.fused[li] = torch.stack([s.cache[b] for b in idxs]).sum(0)
+            for b in idxs:
+                self.reused[b, s.k] += 1
+            return x + fused
+
+        return layer_wrapper
     # ------------------------------------------------------------------ wrapping
     def _install(self, b: int, parent: nn.Module, attr: str) -> None:
         target = getattr(parent, attr)
@@ -140,6 +179,9 @@ class CacheEngine:
                 if cached is None:
                     s.cache_bytes += out.numel() * out.element_size()
                 s.cache[b] = out
+                li = self._layer_of[b]
+                if li is not None:
+                    s.fused[li] = None
             if self._record is not None:
                 self._record[self.blocks[b].name].append(out.detach().float().cpu())
             return out
@@ -167,6 +209,8 @@ class CacheEngine:
         mask = schedule.to_mask()  # (n_blocks, K) in schedule.blocks order
         index = {name: i for i, name in enumerate(schedule.blocks)}
         self._mask_list = [mask[index[b.name]].tolist() for b in self.blocks]
+        K = mask.shape[1]
+        self._layer_reuse = [[not any(self._mask_list[b][k] for b in idxs) for k in range(K)] for _, idxs in self._layers]
         self.schedule = schedule
 
     @contextmanager
@@ -178,7 +222,8 @@ class CacheEngine:
             self.schedule.check_compatible(num_steps=num_steps)
         if num_steps > self.computed.shape[1]:
             self._grow_stats(num_steps)
-        self._session = _Session(num_steps, self._mask_list, cache=[None] * len(self.blocks))
+        self._session = _Session(num_steps, self._mask_list, cache=[None] * len(self.blocks),
+                                 fused=[None] * len(self._layers))
         try:
             yield self
         finally:
@@ -261,14 +306,18 @@ class CacheEngine:
         }
 
 
-def attach(model: nn.Module, schedule=None, blocks: str | Sequence[str] | None = None) -> CacheEngine:
+def attach(model: nn.Module, schedule=None, blocks: str | Sequence[str] | None = None,
+           fuse_layers: bool = True) -> CacheEngine:
     """Wrap ``model``'s residual branches from outside and return the engine that drives them.
 
     ``blocks``: a pattern such as ``"decoder.layers.*.{sa_block,ca_block,ff_block}"`` (module glob, then
     the branch attribute), a list of them, or ``None`` for the model's ``cache_blocks`` declaration or
-    the common layouts in ``DEFAULT_PATTERNS``.
+    the common layouts in ``DEFAULT_PATTERNS``. With ``fuse_layers`` and a model that declares
+    ``cache_layers`` (modules whose forward returns its input plus the sum of its blocks' outputs), a
+    layer whose blocks all reuse at a step is replaced by one add of their summed cached deltas: the same
+    value up to float summation order, and fewer Python calls and tensor ops on the hot path.
     """
-    engine = CacheEngine(model, find_blocks(model, blocks))
+    engine = CacheEngine(model, find_blocks(model, blocks), fuse_layers=fuse_layers)
     engine.set_schedule(schedule)
     return engine
 

@@ -38,9 +38,9 @@ def heatmaps(checkpoint: Path, metric: str, out: Path) -> Path:
     scheduler, K, _ = policy_signature(policy)
     calib = Calibration.load(calibration_path(checkpoint, scheduler, K))
     n = len(calib.blocks)
-    cols = 3
+    cols = 6 if n % 6 == 0 else 3
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.3 * rows + 0.5), squeeze=False)
     for ax, block, sim in zip(axes.flat, calib.blocks, calib.sims[metric]):
         im = ax.imshow(sim, cmap="viridis", origin="upper")
         ax.set_title(f"L{block.layer} {block.kind}", fontsize=9)
@@ -50,7 +50,7 @@ def heatmaps(checkpoint: Path, metric: str, out: Path) -> Path:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.suptitle(f"{checkpoint.name}: {metric} between block outputs at denoising steps i, j ({scheduler}, K={K})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(out, dpi=110)
     return out
 

@@ -112,8 +112,10 @@ class TransformerForDiffusion(nn.Module):
     pre-norm decoder layers with causal self-attention and cross-attention to the memory.
     """
 
-    # The residual branches a cache engine may wrap (see bac.engine.find_blocks).
+    # The residual branches a cache engine may wrap (see bac.engine.find_blocks), and the layers whose
+    # forward is exactly "input + sum of those branches' outputs" (so fully reused layers can be fused).
     cache_blocks = "decoder.layers.*.{sa_block,ca_block,ff_block}"
+    cache_layers = "decoder.layers.*"
 
     def __init__(
         self,

@@ -178,3 +178,22 @@ def test_unknown_cache_and_missing_calibration_are_named(tmp_path):
         make_schedule(make_policy(), tmp_path, "fast")
     with pytest.raises(FileNotFoundError, match=r"DDPMScheduler_K20.npz is missing; make it with `python eval/calibrate.py"):
         make_schedule(make_policy(), tmp_path, "bac")
+
+
+def test_fused_layers_match_unfused_reuse():
+    from bac.schedule import uniform
+    from policies.caching import policy_signature
+
+    policy = make_policy()
+    scheduler, K, model_hash = policy_signature(policy)
+    blocks = [b.name for b in attach_and_detach(policy)]
+    schedule = uniform(blocks, K, 4, scheduler=scheduler, model_hash=model_hash)
+    outs = {}
+    for fuse in (True, False):
+        engine = attach(policy.model, schedule, fuse_layers=fuse)
+        policy.step_cursor = engine
+        outs[fuse] = act(policy, obs())
+        assert engine.reused.sum() == 9 * 16 and engine.computed.sum() == 9 * 4
+        engine.detach()
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+    assert "forward" not in vars(policy.model.decoder.layers[0])

@@ -55,3 +55,16 @@ def test_make_windows_pads_like_diffusion_policy():
     assert obs.shape == (5, 2, 1) and act.shape == (5, 4, 1)
     assert obs[0, :, 0].tolist() == [0, 0] and act[0, :, 0].tolist() == [0, 0, 10, 20]
     assert act[-1, :, 0].tolist() == [30, 40, 40, 40]
+
+
+def test_dataset_missing_obs_keys_are_named(tmp_path):
+    from envs.recorder import DemoWriter
+    from policies.data import load_demos
+
+    path = tmp_path / "d.hdf5"
+    with DemoWriter(path, {"env_name": "x"}) as w:
+        w.add({"robot0_eef_pos": np.zeros((3, 3))}, np.zeros((3, 7)))
+    with pytest.raises(KeyError, match=r"lacks observation keys \['object'\]"):
+        load_demos(path, ["object", "robot0_eef_pos"])
+    with pytest.raises(FileNotFoundError, match="eval/collect.py"):
+        load_demos(tmp_path / "missing.hdf5", ["object"])
