@@ -113,26 +113,30 @@ def step_error(checkpoint: Path, n_updates: int, n_bubble: int, out: Path) -> Pa
     return out
 
 
+COLORS = {"none": "black", "uniform": "tab:gray", "unified_acs": "tab:blue", "blockwise_acs": "tab:orange",
+          "bac": "tab:green"}
+
+
 def hz_success(result_dirs: list[Path], out: Path, hz_key: str = "inference_hz") -> Path:
     summaries = [json.loads(p.read_text()) for d in result_dirs for p in sorted(d.rglob("summary.json"))]
     if not summaries:
         raise FileNotFoundError(f"no summary.json under {[str(d) for d in result_dirs]}")
     tasks = sorted({s["task"] for s in summaries})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.0), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for s in (s for s in summaries if s["task"] == task):
+        for s in sorted((s for s in summaries if s["task"] == task), key=lambda s: s[hz_key]):
             lo, hi = s["success_ci95"]
+            sched = (s.get("cache_stats") or {}).get("schedule", {})
+            label = s["cache"] + (f" (S={sched['n_updates']})" if sched.get("n_updates") else "")
             ax.errorbar(s[hz_key], s["success_rate"], yerr=[[s["success_rate"] - lo], [hi - s["success_rate"]]],
-                        fmt="o", capsize=3)
-            stats = s.get("cache_stats") or {}
-            label = s["cache"] + (f" S={stats['schedule']['n_updates']}" if stats.get("schedule", {}).get("n_updates") else "")
-            ax.annotate(label, (s[hz_key], s["success_rate"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel(f"{hz_key.replace('_', ' ')} (batch 1, {summaries[0]['device'].split(',')[0]})")
-        ax.set_ylabel("success rate (95% CI)")
+                        fmt="o", capsize=4, color=COLORS.get(s["cache"]), label=label, ms=7)
+        ax.set_xlim(left=0)
+        ax.set_xlabel(f"{hz_key.replace('_', ' ')}, batch 1 ({summaries[0]['device'].split(',')[0]})")
+        ax.set_ylabel("success rate, 50 episodes (95% CI)")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(task)
+        ax.set_title(f"{task}: DDPM-100, offline loop")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     return out
