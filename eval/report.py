@@ -2,8 +2,8 @@
 
     python eval/report.py results/issue --out docs/results.md
 
-Rows are grouped by task and sorted by cache method; the uncached row of each task is the reference
-for the latency ratio column.
+Rows are grouped by task and sorted by cache method. Latencies come from separate processes, so they
+are not compared here: speedups against ``cache=none`` are eval/bench.py's job (one process, interleaved).
 """
 from __future__ import annotations
 
@@ -22,25 +22,36 @@ def load(dirs: list[Path]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| task | cache | S | n | episodes | success [95% CI] | latency p50 / p95 ms | vs none | inference Hz "
+    head = ("| task | cache | S | n | episodes | success [95% CI] | latency p50 / p95 ms | inference Hz "
             "| control Hz | FLOPs ratio | device |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for task in sorted({r["task"] for r in rows}):
         group = [r for r in rows if r["task"] == task]
         group.sort(key=lambda r: (ORDER.index(r["cache"]) if r["cache"] in ORDER else 99,
                                   (r.get("cache_stats") or {}).get("schedule", {}).get("n_updates") or 0))
-        base = next((r["latency_ms"]["p50"] for r in group if r["cache"] == "none"), None)
         for r in group:
             sched = (r.get("cache_stats") or {}).get("schedule", {})
             lo, hi = r["success_ci95"]
-            ratio = f"{base / r['latency_ms']['p50']:.2f}x" if base else "-"
             lines.append(
                 f"| {task} | {r['cache']} | {sched.get('n_updates') or '-'} | {sched.get('n_bubble') or '-'} "
                 f"| {r['n_episodes']} | {r['success_rate']:.2f} [{lo:.2f}, {hi:.2f}] "
-                f"| {r['latency_ms']['p50']:.0f} / {r['latency_ms']['p95']:.0f} | {ratio} | {r['inference_hz']:.2f} "
+                f"| {r['latency_ms']['p50']:.0f} / {r['latency_ms']['p95']:.0f} | {r['inference_hz']:.2f} "
                 f"| {r['control_hz']:.2f} | {r.get('flops_ratio', 1.0):.3f} | {r['device']} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def bench_table(dirs: list[Path]) -> str:
+    """One markdown table of every bench.json under ``dirs`` (eval/bench.py output)."""
+    lines = ["| task | config | latency p50 / p95 ms | speedup vs none | FLOPs ratio | speedup / FLOPs ceiling "
+             "| action MSE | device |", "|---|---|---|---|---|---|---|---|"]
+    for path in sorted(p for d in dirs for p in d.rglob("bench.json")):
+        b = json.loads(path.read_text())
+        for r in b["rows"]:
+            lines.append(f"| {b['meta']['task']} | {r['config']} | {r['latency_ms']['p50']:.0f} / "
+                         f"{r['latency_ms']['p95']:.0f} | {r['speedup']:.2f}x | {r['flops_ratio']:.3f} "
+                         f"| {r['speedup_vs_flops']:.2f} | {r['action_mse']:.2e} | {r['device']} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def main(argv=None) -> None:
@@ -48,7 +59,11 @@ def main(argv=None) -> None:
     p.add_argument("results", nargs="+")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    md = table(load([Path(r) for r in a.results]))
+    dirs = [Path(r) for r in a.results]
+    md = table(load(dirs))
+    bench = bench_table(dirs)
+    if bench:
+        md += "\nBenchmark (eval/bench.py: one process, interleaved rounds, batch 1):\n\n" + bench
     print(md)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
