@@ -117,11 +117,9 @@ def print_bench(meta: dict, rows: list[dict]) -> None:
         r["config"], f"{r['latency_ms']['p50']:.1f}", f"{r['latency_ms']['p95']:.1f}", f"{r['speedup']:.2f}x",
         f"{r['flops_ratio']:.3f} ({1 / r['flops_ratio']:.1f}x)", f"{r['speedup_vs_flops']:.2f}", f"{r['action_mse']:.2e}",
     ] for r in rows]
-    widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
-    for j, line in enumerate(lines):
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
+    from eval.run import print_columns
+
+    print_columns(lines)
 
 
 @hydra.main(version_base=None, config_path=str(ROOT / "configs"), config_name="config")

@@ -217,7 +217,12 @@ def print_table(rows: list[dict]) -> None:
             f"{s['latency_ms']['p50']:.1f}", f"{s['latency_ms']['p95']:.1f}", f"{s['inference_hz']:.2f}",
             f"{s['control_hz']:.2f}", f"{s.get('flops_ratio', 1.0):.3f}", s["device"],
         ])
-    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+    print_columns(lines)
+
+
+def print_columns(lines: list[list[str]]) -> None:
+    """Print rows of strings as aligned columns; the first row is the header."""
+    widths = [max(len(r[i]) for r in lines) for i in range(len(lines[0]))]
     for j, r in enumerate(lines):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         if j == 0:
