@@ -110,7 +110,7 @@ class CacheEngine:
         self._record: dict[str, list[torch.Tensor]] | None = None
         self._flop_mode = None
         self.block_flops = np.zeros(len(self.blocks))
-        self._installed: list[tuple[nn.Module, str, bool]] = []  # (object patched, attribute, was a module)
+        self._installed: list[tuple[object, str]] = []  # (object patched, attribute set on its instance)
         self.reset_stats()
         for b, (parent, attr) in enumerate(self._targets):
             self._install(b, parent, attr)
@@ -118,7 +118,7 @@ class CacheEngine:
             if "forward" in layer.__dict__:
                 raise RuntimeError(f"layer {type(layer).__name__} is already wrapped (is another engine attached?)")
             layer.__dict__["forward"] = self._make_layer_wrapper(li, layer.forward)
-            self._installed.append((layer, "forward", True))
+            self._installed.append((layer, "forward"))
 
     def _find_layers(self, pattern: str | None) -> None:
         if not pattern:
@@ -146,6 +146,7 @@ class CacheEngine:
             return x + fused
 
         return layer_wrapper
+
     # ------------------------------------------------------------------ wrapping
     def _install(self, b: int, parent: nn.Module, attr: str) -> None:
         target = getattr(parent, attr)
@@ -156,7 +157,7 @@ class CacheEngine:
         if name in obj.__dict__:
             raise RuntimeError(f"block {self.blocks[b].name} is already wrapped (is another engine attached?)")
         obj.__dict__[name] = self._make_wrapper(b, original)
-        self._installed.append((obj, name, isinstance(target, nn.Module)))
+        self._installed.append((obj, name))
 
     def _make_wrapper(self, b: int, original: Callable) -> Callable:
         def wrapper(*args, **kwargs):
@@ -190,14 +191,10 @@ class CacheEngine:
 
     def detach(self) -> None:
         """Remove every wrapper; the model's modules and methods are exactly as before ``attach``."""
-        for obj, name, _ in self._installed:
+        for obj, name in self._installed:
             obj.__dict__.pop(name, None)
         self._installed.clear()
         self._session = None
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._installed)
 
     # ------------------------------------------------------------------ schedule and cursor
     def set_schedule(self, schedule) -> None:

@@ -162,8 +162,6 @@ def from_calibration(
     """Build any ablation row from calibration features: block name -> (K, D) or (K, N, D), one flattened
     feature (the branch's residual delta) per denoising step, for N calibration samples.
     See :func:`from_similarity` for the methods."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; known: {list(METRICS)}")
     names = [b.name for b in blocks]
     missing = [n for n in names if n not in features]
     if missing:

@@ -79,7 +79,7 @@ def bench(cfg: DictConfig, out_dir: Path) -> list[dict]:
     # Latency: interleaved rounds; attach/detach between configs so `none` runs with no engine at all.
     for r in range(int(cfg.bench.warmup) + int(cfg.bench.trials)):
         for label, name, S, schedule in configs:
-            engine = enable_cache(policy, schedule) if name != "none" else None
+            engine = enable_cache(policy, schedule, profile=False) if name != "none" else None
             o = one[r % len(one)]
             sync()
             t0 = time.perf_counter()

@@ -134,7 +134,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
             done = len(results)
             print(f"[{done}/{n_episodes}] success so far {sum(r.success for r in results)}/{done}", flush=True)
             if n_video:
-                write_videos(out_dir, batch_results, [rec for rec in record], fps=envs[0].metadata.get("render_fps", 20))
+                write_videos(out_dir, batch_results, record, fps=envs[0].metadata.get("render_fps", 20))
 
     latencies = measure_latency(policy, sample_obs, int(cfg.eval.latency_trials), int(cfg.eval.seed))
     lat = latency_stats(latencies)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from bac.calibration import Calibration
-from bac.engine import CacheEngine, attach, fingerprint
+from bac.engine import CacheEngine, attach, find_blocks, fingerprint
 from bac.schedule import Schedule, uniform
 
 CACHE_METHODS = ("none", "uniform", "unified_acs", "blockwise_acs", "bac")
@@ -41,7 +41,7 @@ def make_schedule(policy, checkpoint: str | Path, method: str, n_updates: int = 
     if schedule_path:
         schedule = Schedule.load(schedule_path)
     elif method == "uniform":
-        blocks = [b.name for b in attach_probe(policy)]
+        blocks = [info.name for _, _, info in find_blocks(policy.model)]
         schedule = uniform(blocks, K, n_updates, scheduler=scheduler, model_hash=model_hash)
     else:
         path = calibration_path(checkpoint, scheduler, K)
@@ -55,24 +55,19 @@ def make_schedule(policy, checkpoint: str | Path, method: str, n_updates: int = 
     return schedule
 
 
-def attach_probe(policy):
-    engine = attach(policy.model)
-    blocks = engine.blocks
-    engine.detach()
-    return blocks
-
-
-def enable_cache(policy, schedule: Schedule | None) -> CacheEngine:
-    """Attach an engine running ``schedule`` to the policy's denoiser (None: compute everything) and
-    profile its FLOPs once, so ``engine.flops_ratio()`` is available."""
+def enable_cache(policy, schedule: Schedule | None, profile: bool = True) -> CacheEngine:
+    """Attach an engine running ``schedule`` to the policy's denoiser (None: compute everything); with
+    ``profile``, count its FLOPs once so that ``engine.flops_ratio()`` is available."""
     engine = attach(policy.model, schedule)
+    policy.step_cursor = engine
+    if not profile:
+        return engine
     c, model = policy.config, policy.model
     x = torch.zeros(1, c.horizon, c.action_dim, device=policy.device)
     with torch.no_grad():  # one denoising step as predict_action runs it: condition tokens precomputed
         obs_tokens = model.encode_obs(torch.zeros(1, c.n_obs_steps, c.obs_dim, device=policy.device))
         memory = model.memory(obs_tokens, model.encode_time(torch.zeros(1, dtype=torch.long, device=policy.device)))
     engine.profile_flops(lambda: model(x, 0, memory=memory[0]))
-    policy.step_cursor = engine
     return engine
 
 

@@ -104,7 +104,6 @@ def test_fingerprint_changes_with_weights():
 
 
 def cached_policy(method="uniform"):
-    from bac.schedule import ScheduleMismatch  # noqa: F401
     from policies.caching import enable_cache, make_schedule
 
     policy = make_policy()
@@ -119,16 +118,10 @@ def test_compute_all_schedule_through_enable_cache_is_exact():
     policy = make_policy()
     reference = act(policy, obs())
     scheduler, K, model_hash = policy_signature(policy)
-    blocks = [b.name for b in attach_and_detach(policy)]
+    blocks = [info.name for _, _, info in find_blocks(policy.model)]
     engine = enable_cache(policy, compute_all(blocks, K, scheduler=scheduler, model_hash=model_hash))
     assert torch.equal(act(policy, obs()), reference)
     assert engine.reused.sum() == 0 and engine.flops_ratio() == pytest.approx(1.0)
-
-
-def attach_and_detach(policy):
-    engine = attach(policy.model)
-    engine.detach()
-    return engine.blocks
 
 
 def test_uniform_cache_really_reuses_and_saves_flops():
@@ -186,7 +179,7 @@ def test_fused_layers_match_unfused_reuse():
 
     policy = make_policy()
     scheduler, K, model_hash = policy_signature(policy)
-    blocks = [b.name for b in attach_and_detach(policy)]
+    blocks = [info.name for _, _, info in find_blocks(policy.model)]
     schedule = uniform(blocks, K, 4, scheduler=scheduler, model_hash=model_hash)
     outs = {}
     for fuse in (True, False):
