@@ -1,4 +1,4 @@
-"""Offline rollouts: many episodes stepped in lockstep, one batched policy call per replanning point.
+"""Rollout building blocks (observation history, episode results, timing) and the offline rollout.
 
 The policy is any ``predict(obs)`` callable: ``obs[key]`` is (B, To, d) numpy, the return value is the
 action chunk (B, Ta, Da) numpy. This module owns time (observation history, chunk execution, episode
@@ -7,7 +7,6 @@ In the offline loop the world waits for the policy, as in Diffusion Policy's eva
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -50,10 +49,13 @@ class EpisodeResult:
     n_chunks: int
     sim_time_s: float
     frames: list = field(default_factory=list, repr=False)
+    loop: dict | None = None  # the control loop's per-episode stats (bac.loop.LoopStats.to_json)
 
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("frames")
+        if d["loop"] is None:
+            d.pop("loop")
         return d
 
 
@@ -77,62 +79,12 @@ def rollout(
     on_episode_end: Callable[[EpisodeResult], None] | None = None,
     timing: BatchTiming | None = None,
 ) -> list[EpisodeResult]:
-    """Run one episode per env (``len(envs) == len(seeds)``) in lockstep; stop each at success or ``max_steps``.
+    """The offline loop (the world waits for the policy): ``bac.loop.simulate`` with ``LoopConfig(mode="offline")``.
 
-    Every ``n_action_steps`` env steps the still-running envs' histories are stacked into one batch
-    (B, To, d) and the first ``n_action_steps`` actions of the returned chunk are executed open loop.
-    ``on_episode_end`` is called as soon as an episode finishes (so results can be appended to disk).
-    ``record_video`` (one flag, or one per env) keeps each step's ``env.render()`` frame in the result.
+    Every ``n_action_steps`` env steps the still-running envs' histories are stacked into one batch (B, To, d) and
+    the first ``n_action_steps`` actions of the returned chunk are executed open loop.
     """
-    if len(envs) != len(seeds):
-        raise ValueError(f"got {len(envs)} envs for {len(seeds)} seeds")
-    timing = timing if timing is not None else BatchTiming()
-    n = len(envs)
-    record = [bool(record_video)] * n if isinstance(record_video, bool) else [bool(r) for r in record_video]
-    histories = [ObsHistory(n_obs_steps) for _ in range(n)]
-    results: list[EpisodeResult | None] = [None] * n
-    steps, rewards, chunks = [0] * n, [0.0] * n, [0] * n
-    sim_time = [0.0] * n
-    frames: list[list] = [[] for _ in range(n)]
-    for i, (env, seed) in enumerate(zip(envs, seeds)):
-        obs, _ = env.reset(seed=int(seed))
-        histories[i].reset(obs)
-        if record[i]:
-            frames[i].append(env.render())
+    from bac.loop import LoopConfig, simulate  # bac.loop builds on this module's classes
 
-    def finish(i: int, success: bool) -> None:
-        results[i] = EpisodeResult(int(seeds[i]), bool(success), steps[i], rewards[i], chunks[i], sim_time[i], frames[i])
-        if on_episode_end is not None:
-            on_episode_end(results[i])
-
-    while True:
-        active = [i for i in range(n) if results[i] is None]
-        if not active:
-            break
-        batch = {k: np.stack([histories[i].stacked()[k] for i in active]) for k in histories[active[0]].stacked()}
-        t0 = time.perf_counter()
-        actions = np.asarray(predict(batch))  # (B, Ta', Da)
-        timing.policy_call_s.append(time.perf_counter() - t0)
-        timing.batch_sizes.append(len(active))
-        if actions.ndim != 3 or actions.shape[0] != len(active):
-            raise ValueError(f"policy returned actions of shape {actions.shape}; expected ({len(active)}, Ta, Da)")
-        for j, i in enumerate(active):
-            chunks[i] += 1
-            for a in actions[j, :n_action_steps]:
-                t0 = time.perf_counter()
-                obs, reward, terminated, truncated, info = envs[i].step(a)
-                dt = time.perf_counter() - t0
-                timing.env_step_s.append(dt)
-                sim_time[i] += dt
-                steps[i] += 1
-                rewards[i] += float(reward)
-                histories[i].push(obs)
-                if record[i]:
-                    frames[i].append(envs[i].render())
-                if info.get("is_success", False):
-                    finish(i, True)
-                    break
-                if terminated or truncated or steps[i] >= max_steps:
-                    finish(i, False)
-                    break
-    return results  # type: ignore[return-value]
+    return simulate(envs, seeds, predict, n_obs_steps, n_action_steps, max_steps, LoopConfig(mode="offline"),
+                    record_video=record_video, on_episode_end=on_episode_end, timing=timing)

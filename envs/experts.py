@@ -80,6 +80,9 @@ class Expert:
     hover_dz = 0.10
     drop_dist = 0.05
     holding_phases: tuple[str, ...] = ("lift",)
+    hover_xy = 0.01  # xy alignment over the grasp point required before descending
+    abort_xy = 0.02  # xy error that sends a descent back to the hover
+    rim_dz = None  # if set: above grasp + rim_dz (fingertips not yet past the object's top) abort at abort_xy
 
     def __init__(self, env: RobomimicEnv):
         self.env = env
@@ -147,13 +150,16 @@ class Expert:
             self.yaw = self.grasp_yaw(eef_yaw)
         if self.phase == "approach":
             hover = grasp + [0, 0, self.hover_dz]
-            if self.near(eef, hover, xy=0.01, z=0.03) and abs(_wrap(eef_yaw - self.yaw)) < 0.1:
+            if self.near(eef, hover, xy=self.hover_xy, z=0.03) and abs(_wrap(eef_yaw - self.yaw)) < 0.1:
                 self.goto("descend")
             return hover, self.yaw, OPEN
         if self.phase == "descend":
             if abs(eef[2] - grasp[2]) < 0.01 or self.phase_steps > 40:
                 self.goto("grasp")
-            if np.linalg.norm((eef - grasp)[:2]) > 0.02:  # knocked off line (noise, contact): hover again
+            xy_error = np.linalg.norm((eef - grasp)[:2])
+            above_rim = self.rim_dz is not None and eef[2] > grasp[2] + self.rim_dz
+            if xy_error > 0.02 or (above_rim and xy_error > self.abort_xy):
+                # knocked off line (noise, contact), or about to land a finger on the object's top: hover again
                 self.goto("approach")
             return grasp, self.yaw, OPEN
         if self.phase == "grasp":
@@ -264,6 +270,11 @@ class CanExpert(PlaceExpert):
     """PickPlaceCan: pick the can from bin 1 at its centre and drop it over its quadrant of bin 2."""
 
     bin_margin = 0.055  # from the quadrant's walls to the can's centre (can radius 2.5 cm)
+    # The open fingers clear the can (about 7 cm across) by ~5 mm a side: align tightly before descending, and
+    # rise to realign if a finger is about to land on the rim. The demos then show that recovery.
+    hover_xy = 0.004
+    abort_xy = 0.007
+    rim_dz = 0.02
 
     def _can(self) -> np.ndarray:
         return self.sim.data.body_xpos[self.rs.obj_body_id["Can"]].copy()

@@ -1,11 +1,12 @@
 """Collect scripted-expert demos for a robomimic task into a robomimic-layout hdf5 file.
 
-    python eval/collect.py --task lift --n-demos 200 --out data/lift.hdf5 [--seed-offset 1000] [--noise 0.1]
+    python eval/collect.py --task lift --n-demos 200 --out data/lift.hdf5 [--seed-offset 1000] [--noise 0.1] [--rot-noise 0.1]
 
 Episode i resets with seed ``seed_offset + i`` and runs the expert until the first success plus ``--hold`` steps
 (so the labels include holding the result). Only successful episodes are kept, until ``--n-demos`` are.
 DART-style noise (Laskey et al. 2017): the env executes ``clip(expert + N(0, noise^2))`` on the translation dims,
 but the clean expert action is recorded as the label, so the demos visit (and label) recovery states.
+``--rot-noise`` does the same on the rotation dims, so the demos also show the expert correcting a tilted gripper.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def make_env_and_expert(task: str, horizon: int, seed: int):
     return env, make_expert(task, env)
 
 
-def rollout(env, expert, seed: int, noise: float, hold: int) -> tuple[bool, dict]:
+def rollout(env, expert, seed: int, noise: float, hold: int, rot_noise: float = 0.0) -> tuple[bool, dict]:
     """One expert episode; returns (success, arrays for DemoWriter.add)."""
     obs, _ = env.reset(seed=seed)
     expert.reset()
@@ -55,6 +56,8 @@ def rollout(env, expert, seed: int, noise: float, hold: int) -> tuple[bool, dict
         executed = action.copy()
         if noise > 0:
             executed[:n_noisy] = np.clip(executed[:n_noisy] + noise_rng.normal(0.0, noise, n_noisy), -1.0, 1.0)
+        if rot_noise > 0 and len(executed) >= 6:  # drawn after the translation noise: --rot-noise 0 keeps old demos
+            executed[3:6] = np.clip(executed[3:6] + noise_rng.normal(0.0, rot_noise, 3), -1.0, 1.0)
         for k in keys:
             keys[k].append(obs[k])
         actions.append(action)
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output .hdf5 path")
     p.add_argument("--seed-offset", type=int, default=1000, help="episode i resets with seed seed_offset + i")
     p.add_argument("--noise", type=float, default=0.1, help="DART noise std on the executed translation actions")
+    p.add_argument("--rot-noise", type=float, default=0.0, help="DART noise std on the executed rotation actions")
     p.add_argument("--hold", type=int, default=5, help="steps recorded after the first success")
     p.add_argument("--horizon", type=int, default=None, help="episode step limit (default: 400, toy 60)")
     p.add_argument("--max-attempts", type=int, default=None, help="give up after this many episodes (default 2x)")
@@ -88,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.n_demos <= 0:
         p.error(f"--n-demos must be positive, got {args.n_demos}")
-    if args.noise < 0:
-        p.error(f"--noise must be >= 0, got {args.noise}")
+    if args.noise < 0 or args.rot_noise < 0:
+        p.error(f"--noise and --rot-noise must be >= 0, got {args.noise} and {args.rot_noise}")
     max_attempts = args.max_attempts or 2 * args.n_demos
     if Path(args.out).exists() and not args.overwrite:
         p.error(f"{args.out} exists; pass --overwrite to replace it")
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(total=args.n_demos, desc=f"{args.task} demos", unit="demo")
         while kept < args.n_demos and attempted < max_attempts:
             seed = args.seed_offset + attempted
-            ok, arrays = rollout(env, expert, seed, args.noise, args.hold)
+            ok, arrays = rollout(env, expert, seed, args.noise, args.hold, args.rot_noise)
             attempted += 1
             if ok:
                 writer.add(**arrays, seed=seed)
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     env.close()
     wall = time.time() - t0
     print(
-        f"task={args.task} noise={args.noise}: expert success rate {kept}/{attempted} = {kept / attempted:.3f}; "
+        f"task={args.task} noise={args.noise} rot_noise={args.rot_noise}: expert success rate {kept}/{attempted} = {kept / attempted:.3f}; "
         f"kept {kept} demos, {steps} samples (mean length {steps / max(kept, 1):.1f}) -> {args.out}; "
         f"wall time {wall:.0f} s ({wall / 60:.1f} min)"
     )

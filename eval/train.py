@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from policies import DiffusionTransformerPolicy, DPTConfig, Normalizer, save_policy  # noqa: E402
@@ -83,6 +84,30 @@ def obs_dims_of(path: Path, obs_keys: list[str]) -> list[int]:
         return [int(np.prod(first["obs"][k].shape[1:])) for k in obs_keys]
 
 
+ARCH_FIELDS = ("obs_keys", "obs_dims", "action_dim", "horizon", "n_obs_steps", "n_layer", "n_head", "n_emb", "causal_attn")
+
+
+def init_weights(policy: DiffusionTransformerPolicy, directory: str | Path) -> dict:
+    """Start from another checkpoint's (EMA) weights, e.g. one trained on an earlier dataset of the same task.
+
+    The architecture and observation layout must match; the normalizer is the new dataset's. Returns the
+    provenance kept in the training record (the source folder, its steps and its dataset hash).
+    """
+    d = Path(directory)
+    for name in ("config.json", "model.safetensors"):
+        if not (d / name).exists():
+            raise FileNotFoundError(f"--init-from {d}: {d / name} is missing")
+    source = json.loads((d / "config.json").read_text())
+    ours = policy.config_dict()
+    diff = {k: (source.get(k), ours[k]) for k in ARCH_FIELDS if source.get(k) != ours[k]}
+    if diff:
+        raise ValueError(f"--init-from {d} does not match this run: " + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in diff.items()))
+    policy.load_state_dict(load_file(str(d / "model.safetensors")))
+    rec_path = d / "train_record.json"
+    rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+    return {"checkpoint": str(d), "steps": rec.get("steps"), "dataset_sha256": rec.get("dataset_sha256"), "commands": rec.get("commands")}
+
+
 def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -102,6 +127,7 @@ def train(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     policy = build_policy(args, obs_keys, obs_dims_of(dataset, obs_keys), act_w.shape[-1])
     policy.set_normalizer(normalizer)
+    init_record = init_weights(policy, args.init_from) if args.init_from and not (args.resume and state_path.exists()) else None
     ema = EMA(policy)
     opt = torch.optim.AdamW(optimizer_groups(policy.model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(args.seed)
@@ -133,6 +159,10 @@ def train(args: argparse.Namespace) -> Path:
         "seed": args.seed,
         "torch": torch.__version__,
     }
+    if init_record is not None:
+        record["init_from"] = init_record
+    elif args.resume and previous.exists() and "init_from" in json.loads(previous.read_text()):
+        record["init_from"] = json.loads(previous.read_text())["init_from"]
 
     def save() -> None:
         rec = dict(record, steps=step, wall_time_s=round(elapsed, 1), loss_curve=curve, final_loss=curve[-1][1] if curve else None)
@@ -199,6 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads; keep 1 when anything else runs")
     p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--init-from", default=None, help="checkpoint folder whose weights start this run (same architecture)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint folder")
     p.add_argument("--quiet", action="store_true")

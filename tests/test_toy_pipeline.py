@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 from hydra import compose, initialize_config_dir
 
 import eval.collect as collect
@@ -100,6 +102,21 @@ def test_train_refuses_to_clobber_and_resumes(toy_checkpoint, tmp_path):
     record = json.loads((tmp_path / "c" / "train_record.json").read_text())
     assert record["steps"] == 20 and len(record["dataset_sha256"]) == 64
     assert np.isfinite(record["final_loss"])
+
+
+def test_train_init_from_starts_at_the_source_weights(toy_checkpoint, tmp_path):
+    data = toy_checkpoint.parent / "toy.hdf5"
+    arch = ["--n-layer", "2", "--n-emb", "64"]
+    base = ["--dataset", str(data), "--quiet", "--init-from", str(toy_checkpoint)]
+    # Zero steps: the saved weights are the source's, and the record names where they came from.
+    train.train(train.parse_args(base + arch + ["--out", str(tmp_path / "a"), "--steps", "1", "--lr", "0"]))
+    src = load_file(str(toy_checkpoint / "model.safetensors"))
+    got = load_file(str(tmp_path / "a" / "model.safetensors"))
+    assert src.keys() == got.keys() and all(torch.equal(src[k], got[k]) for k in src)
+    record = json.loads((tmp_path / "a" / "train_record.json").read_text())
+    assert record["init_from"]["checkpoint"] == str(toy_checkpoint) and record["init_from"]["steps"] == 2000
+    with pytest.raises(ValueError, match="n_emb 64 there, 32 here"):
+        train.train(train.parse_args(base + ["--n-layer", "2", "--n-emb", "32", "--out", str(tmp_path / "b"), "--steps", "1"]))
 
 
 def test_calibrate_bench_and_cached_rollouts(toy_checkpoint, tmp_path):
