@@ -123,6 +123,12 @@ class RobomimicEnv(gym.Env):
         truncated = self._steps >= self.horizon
         return self._obs(raw), float(reward), success, truncated, {"is_success": success}
 
+    def hold_action(self, last: np.ndarray | None = None) -> np.ndarray:
+        """What a late policy leaves the arm doing: no motion (a zero OSC delta), the gripper as last commanded."""
+        action = np.zeros(ACTION_DIM, dtype=np.float32)
+        action[6] = -1.0 if last is None else float(np.asarray(last)[6])
+        return action
+
     def render(self) -> np.ndarray | None:
         """(H, W, 3) uint8 frame from ``camera``, the right way up; None unless ``render_mode == "rgb_array"``."""
         if self.render_mode != "rgb_array":

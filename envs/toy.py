@@ -73,6 +73,10 @@ class ToyReachEnv(gym.Env):
         truncated = self._t >= self.horizon
         return self._obs(), float(success), success, truncated, {"is_success": success}
 
+    def hold_action(self, last: np.ndarray | None = None) -> np.ndarray:
+        """Zero velocity: the agent stays where it is."""
+        return np.zeros(2, dtype=np.float32)
+
     def render(self) -> np.ndarray:
         """A top-down (H, W, 3) uint8 frame: wall grey, goal green, agent red."""
         n = self.render_size

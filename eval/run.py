@@ -3,6 +3,8 @@
     python eval/run.py env=robomimic                      # shipped Lift policy, 50 episodes
     python eval/run.py env=robomimic env.task=can eval.n_episodes=100 eval.video=true
     python eval/run.py env=robomimic cache=none -m        # hydra multirun
+    python eval/run.py env=robomimic loop=realtime cache=bac   # the world does not wait for the policy
+    python eval/run.py env=robomimic loop=realtime cache=bac loop.budget_ms=100   # S chosen for a latency budget
 
 Writes into the run folder: ``config.yaml`` (resolved), ``episodes.jsonl`` (one line per finished
 episode, appended as episodes end), ``summary.json`` and, with ``eval.video=true``, ``videos/``.
@@ -25,7 +27,8 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from bac.metrics import latency_stats, wilson_interval  # noqa: E402
-from bac.rollout import BatchTiming, rollout  # noqa: E402
+from bac.loop import LatencyModel, LoopConfig, Watchdog, run_wallclock, simulate  # noqa: E402
+from bac.rollout import BatchTiming, EpisodeResult, ObsHistory  # noqa: E402
 from envs import make_env  # noqa: E402
 from policies import load_policy  # noqa: E402
 from policies.caching import enable_cache, make_schedule  # noqa: E402
@@ -75,6 +78,45 @@ def measure_latency(policy, sample_obs: dict[str, np.ndarray], trials: int, seed
     return times
 
 
+def loop_config(cfg: DictConfig, env, policy) -> tuple[LoopConfig, int]:
+    """The LoopConfig of ``cfg.loop`` and how many actions of each chunk go to the queue."""
+    lc, pc = cfg.loop, policy.config
+    hz = float(lc.control_hz or env.metadata.get("render_fps", 20))
+    max_chunk = pc.horizon - pc.n_obs_steps + 1
+    n_chunk = int(lc.chunk_actions or pc.n_action_steps)
+    if not pc.n_action_steps <= n_chunk <= max_chunk:
+        raise ValueError(f"loop.chunk_actions={n_chunk} must be in [n_action_steps={pc.n_action_steps}, "
+                         f"horizon - n_obs_steps + 1 = {max_chunk}]")
+    if lc.clock not in ("simulated", "wall"):
+        raise ValueError(f"loop.clock must be simulated or wall, got {lc.clock!r}")
+    config = LoopConfig(mode=str(lc.name), control_hz=hz, asynchronous=bool(lc.asynchronous), on_miss=str(lc.on_miss),
+                        drop_stale=bool(lc.drop_stale), ensemble=None if lc.ensemble is None else float(lc.ensemble),
+                        prefetch_margin=int(lc.prefetch_margin))
+    return config, n_chunk
+
+
+def latency_model(cfg: DictConfig, measured_s: list[float]) -> LatencyModel:
+    lc = cfg.loop
+    scale = float(lc.latency_scale)
+    if lc.latency == "fixed":
+        if lc.latency_ms is None:
+            raise ValueError("loop.latency=fixed needs loop.latency_ms=<milliseconds>")
+        return LatencyModel(fixed_s=float(lc.latency_ms) / 1e3, scale=scale)
+    if lc.latency == "median":
+        return LatencyModel(fixed_s=float(np.median(measured_s)), scale=scale)
+    if lc.latency == "sampled":
+        return LatencyModel(samples_s=measured_s, scale=scale, seed=int(cfg.eval.seed))
+    raise ValueError(f"loop.latency must be median, sampled or fixed, got {lc.latency!r}")
+
+
+def probe_obs(env, policy, seed: int) -> dict[str, np.ndarray]:
+    """A batch-1 observation history from a reset (for latency timing and the budget tuner)."""
+    h = ObsHistory(policy.config.n_obs_steps)
+    obs, _ = env.reset(seed=seed)
+    h.reset(obs)
+    return {k: v[None] for k, v in h.stacked().items()}
+
+
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     torch.set_num_threads(int(cfg.threads))
     device = pick_device(str(cfg.device))
@@ -83,27 +125,49 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         checkpoint, device, num_inference_steps=cfg.policy.num_inference_steps, scheduler=cfg.policy.scheduler
     )
     pc = policy.config
-    schedule = make_schedule(
-        policy, checkpoint, cfg.cache.name, n_updates=int(cfg.cache.get("n_updates", 10)),
-        n_bubble=int(cfg.cache.get("n_bubble", 0)), metric=str(cfg.cache.get("metric", "cosine")),
-        schedule_path=cfg.cache.get("schedule"),
-    )
-    engine = enable_cache(policy, schedule) if cfg.cache.name != "none" else None
     env_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.env, resolve=True).items() if k != "name"}
+    probe_env = make_env(cfg.env.name, **env_kwargs)
+    try:
+        check_env_matches_policy(probe_env, policy)
+        loop, n_chunk = loop_config(cfg, probe_env, policy)
+        sample_obs = probe_obs(probe_env, policy, int(cfg.eval.seed))
+    finally:
+        probe_env.close()
+    cache_name, n_updates, budget = str(cfg.cache.name), int(cfg.cache.get("n_updates", 10)), None
+    if cfg.loop.budget_ms is not None:
+        from eval.tune import choose, measure_budgets, print_tune
+
+        if cache_name == "none":
+            raise ValueError("loop.budget_ms picks a cache budget S; choose a cache method too, e.g. cache=bac")
+        one = [{k: torch.from_numpy(v).to(device) for k, v in sample_obs.items()}]
+        rows = measure_budgets(policy, checkpoint, cache_name, list(cfg.tune.n_updates), one, int(cfg.tune.trials),
+                               int(cfg.tune.warmup), int(cfg.cache.get("n_bubble", 5)), str(cfg.cache.get("metric", "cosine")))
+        chosen = choose(rows, float(cfg.loop.budget_ms))
+        print_tune(rows, chosen, float(cfg.loop.budget_ms))
+        budget = {"budget_ms": float(cfg.loop.budget_ms), "chosen": chosen, "rows": rows}
+        cache_name, n_updates = chosen["cache"], int(chosen["n_updates"])
+    schedule = make_schedule(
+        policy, checkpoint, cache_name, n_updates=n_updates,
+        n_bubble=int(cfg.cache.get("n_bubble", 0)), metric=str(cfg.cache.get("metric", "cosine")),
+        schedule_path=cfg.cache.get("schedule") if budget is None else None,
+    )
+    engine = enable_cache(policy, schedule) if cache_name != "none" else None
     n_episodes, n_envs = int(cfg.eval.n_episodes), max(1, min(int(cfg.eval.n_envs), int(cfg.eval.n_episodes)))
     seeds = [int(cfg.eval.seed) + i for i in range(n_episodes)]
     n_video = int(cfg.eval.n_video) if cfg.eval.video else 0
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     episodes_path = out_dir / "episodes.jsonl"
+    # Batch-1 latency on this device, measured before the rollouts: the realtime clock's latencies come from it.
+    n_lat = max(int(cfg.eval.latency_trials), int(cfg.loop.latency_samples))
+    latencies = measure_latency(policy, {k: np.repeat(v, 2, 0) for k, v in sample_obs.items()}, n_lat, int(cfg.eval.seed))
+    lat_model = latency_model(cfg, latencies) if loop.mode == "realtime" else None
     gen = torch.Generator(device=device).manual_seed(int(cfg.eval.seed))
-    sample_obs: dict[str, np.ndarray] = {}
+    start = pc.n_obs_steps - 1
 
     def predict(batch: dict[str, np.ndarray]) -> np.ndarray:
-        if not sample_obs:
-            sample_obs.update({k: v.copy() for k, v in batch.items()})
         obs = {k: torch.from_numpy(v) for k, v in batch.items()}
-        return policy.predict_action(obs, generator=gen)["action"].cpu().numpy()
+        return policy.predict_action(obs, generator=gen)["action_pred"][:, start : start + n_chunk].cpu().numpy()
 
     results, timing = [], BatchTiming()
     t_start = time.time()
@@ -113,55 +177,72 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
             jsonl.write(json.dumps(r.to_json()) + "\n")
             jsonl.flush()
 
-        for start in range(0, n_episodes, n_envs):
-            batch_seeds = seeds[start : start + n_envs]
-            record = [start + j < n_video for j in range(len(batch_seeds))]
-            envs = [
-                make_env(cfg.env.name, **env_kwargs, **({"render_mode": "rgb_array"} if rec else {}))
-                for rec in record
-            ]
-            try:
-                if start == 0:
-                    check_env_matches_policy(envs[0], policy)
-                batch_results = rollout(
-                    envs, batch_seeds, predict, pc.n_obs_steps, pc.n_action_steps, int(cfg.env.horizon),
-                    record_video=record, on_episode_end=on_end, timing=timing,
-                )
-            finally:
-                for e in envs:
-                    e.close()
-            results.extend(batch_results)
-            done = len(results)
-            print(f"[{done}/{n_episodes}] success so far {sum(r.success for r in results)}/{done}", flush=True)
-            if n_video:
-                write_videos(out_dir, batch_results, record, fps=envs[0].metadata.get("render_fps", 20))
+        if cfg.loop.clock == "wall":
+            results = wallclock_episodes(cfg, env_kwargs, seeds, predict, policy, loop, on_end)
+        else:
+            for first in range(0, n_episodes, n_envs):
+                batch_seeds = seeds[first : first + n_envs]
+                record = [first + j < n_video for j in range(len(batch_seeds))]
+                envs = [
+                    make_env(cfg.env.name, **env_kwargs, **({"render_mode": "rgb_array"} if rec else {}))
+                    for rec in record
+                ]
+                try:
+                    batch_results = simulate(
+                        envs, batch_seeds, predict, pc.n_obs_steps, pc.n_action_steps, int(cfg.env.horizon), loop,
+                        lat_model, record_video=record, on_episode_end=on_end, timing=timing,
+                    )
+                finally:
+                    for e in envs:
+                        e.close()
+                results.extend(batch_results)
+                done = len(results)
+                print(f"[{done}/{n_episodes}] success so far {sum(r.success for r in results)}/{done}", flush=True)
+                if n_video:
+                    write_videos(out_dir, batch_results, record, fps=envs[0].metadata.get("render_fps", 20))
 
-    latencies = measure_latency(policy, sample_obs, int(cfg.eval.latency_trials), int(cfg.eval.seed))
     lat = latency_stats(latencies)
     env_step = float(np.median(timing.env_step_s)) if timing.env_step_s else 0.0
     n_succ = sum(r.success for r in results)
     lo, hi = wilson_interval(n_succ, n_episodes)
+    stats = [r.loop or {} for r in results]
+    executed = sum(s.get("executed_actions", 0) for s in stats)
+    world_s = sum(r.steps for r in results) / loop.control_hz
+    ages = [(s["action_age_ms"], s["executed_actions"]) for s in stats if s.get("action_age_ms") is not None]
+    if loop.mode == "offline":
+        # One control stream at batch 1: a chunk of Ta actions per inference, the sim waiting for it.
+        control_hz = pc.n_action_steps / (lat["p50"] / 1000.0 + pc.n_action_steps * env_step)
+    else:  # the world runs at its rate; policy actions per second of world time (holds are not control)
+        control_hz = executed / world_s if world_s > 0 else 0.0
     summary = {
         "task": cfg.env.task,
         "env": cfg.env.name,
-        "cache": cfg.cache.name,
-        "loop": cfg.loop.name,
+        "cache": cache_name,
+        "loop": loop.mode,
+        "clock": str(cfg.loop.clock),
         "n_episodes": n_episodes,
         "n_successes": n_succ,
         "success_rate": n_succ / n_episodes,
         "success_ci95": [round(lo, 4), round(hi, 4)],
         "latency_ms": {k: round(v, 2) for k, v in lat.items()},
-        # One control stream at batch 1: a chunk of Ta actions per inference, the sim waiting for it.
         "inference_hz": round(1000.0 / lat["p50"], 2),
-        "control_hz": round(pc.n_action_steps / (lat["p50"] / 1000.0 + pc.n_action_steps * env_step), 2),
+        "control_hz": round(control_hz, 2),
+        "deadline_misses": sum(s.get("deadline_misses", 0) for s in stats),
+        "stale_dropped": sum(s.get("stale_dropped", 0) for s in stats),
+        "action_age_ms": round(sum(a * n for a, n in ages) / max(1, sum(n for _, n in ages)), 2) if ages else None,
+        "loop_config": {**{k: getattr(loop, k) for k in ("control_hz", "asynchronous", "on_miss", "drop_stale",
+                                                           "ensemble", "prefetch_margin")}, "chunk_actions": n_chunk,
+                        "latency": str(cfg.loop.latency), "latency_scale": float(cfg.loop.latency_scale),
+                        "sim_latency_ms": round(1e3 * lat_model.p95(), 2) if lat_model else None},
         "env_step_ms": round(env_step * 1e3, 2),
-        "batched_call_ms": round(1e3 * float(np.median(timing.policy_call_s)), 1),
+        "batched_call_ms": round(1e3 * float(np.median(timing.policy_call_s)), 1) if timing.policy_call_s else None,
         "mean_episode_steps": float(np.mean([r.steps for r in results])),
         "checkpoint": str(cfg.policy.checkpoint),
         "scheduler": pc.scheduler,
         "num_inference_steps": pc.num_inference_steps,
         "flops_ratio": round(engine.flops_ratio(), 4) if engine else 1.0,
         "cache_stats": engine.stats() | {"schedule": schedule_summary(schedule)} if engine else None,
+        "budget": budget,
         "device": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "wall_time_s": round(time.time() - t_start, 1),
@@ -171,6 +252,31 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     print_table([summary])
     print(f"results in {out_dir}")
     return summary
+
+
+def wallclock_episodes(cfg, env_kwargs, seeds, predict, policy, loop: LoopConfig, on_end) -> list[EpisodeResult]:
+    """``loop.clock=wall``: one episode at a time on the wall clock, the policy on a worker thread."""
+    from envs.sim_robot import SimRobot
+
+    pc = policy.config
+    results = []
+    for seed in seeds:
+        env = make_env(cfg.env.name, **env_kwargs)
+        try:
+            robot = SimRobot(env, seed, loop.control_hz)
+            out = run_wallclock(robot, predict, pc.n_obs_steps, pc.n_action_steps, int(cfg.env.horizon), loop,
+                                Watchdog(), latency_scale=float(cfg.loop.latency_scale), should_stop=lambda: robot.done)
+        finally:
+            env.close()
+        if out["stopped"] is not None:
+            raise RuntimeError(f"episode seed {seed} was stopped by the watchdog: {out['stopped']}")
+        loop_stats = {k: out[k] for k in ("n_inferences", "deadline_misses", "stale_dropped", "executed_actions",
+                                          "action_age_ms", "latencies_ms")}
+        r = EpisodeResult(seed, robot.success, robot.steps, 0.0, out["n_inferences"], out["elapsed_s"], loop=loop_stats)
+        on_end(r)
+        results.append(r)
+        print(f"[{len(results)}/{len(seeds)}] success so far {sum(x.success for x in results)}/{len(results)}", flush=True)
+    return results
 
 
 def schedule_summary(schedule) -> dict:
@@ -207,15 +313,18 @@ def write_videos(out_dir: Path, results, record: list[bool], fps: int) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ["task", "cache", "episodes", "success [95% CI]", "lat p50 ms", "lat p95 ms", "inf Hz", "ctrl Hz",
-            "FLOPs", "device"]
+    head = ["task", "cache", "loop", "episodes", "success [95% CI]", "lat p50 ms", "lat p95 ms", "lat p99 ms", "inf Hz",
+            "ctrl Hz", "misses", "stale", "age ms", "FLOPs", "device"]
     lines = [head]
     for s in rows:
         lo, hi = s["success_ci95"]
         lines.append([
-            s["task"], s["cache"], str(s["n_episodes"]), f"{s['success_rate']:.2f} [{lo:.2f}, {hi:.2f}]",
-            f"{s['latency_ms']['p50']:.1f}", f"{s['latency_ms']['p95']:.1f}", f"{s['inference_hz']:.2f}",
-            f"{s['control_hz']:.2f}", f"{s.get('flops_ratio', 1.0):.3f}", s["device"],
+            s["task"], s["cache"], s.get("loop", "offline"), str(s["n_episodes"]),
+            f"{s['success_rate']:.2f} [{lo:.2f}, {hi:.2f}]", f"{s['latency_ms']['p50']:.1f}",
+            f"{s['latency_ms']['p95']:.1f}", f"{s['latency_ms'].get('p99', float('nan')):.1f}",
+            f"{s['inference_hz']:.2f}", f"{s['control_hz']:.2f}", str(s.get("deadline_misses", "-")),
+            str(s.get("stale_dropped", "-")), "-" if s.get("action_age_ms") is None else f"{s['action_age_ms']:.0f}",
+            f"{s.get('flops_ratio', 1.0):.3f}", s["device"],
         ])
     print_columns(lines)
 

@@ -187,3 +187,14 @@ def test_watchdog_stops_after_consecutive_misses():
 
     out = wall(FakeRobot(), slow, steps=200, watchdog=Watchdog(max_consecutive_misses=5))
     assert "deadline misses in a row" in out["stopped"] and out["deadline_misses"] == 6
+
+
+def test_ctrl_c_stops_the_robot_and_joins_the_worker():
+    class InterruptingRobot(FakeRobot):
+        def get_observation(self):
+            if self.t == 7:
+                raise KeyboardInterrupt
+            return super().get_observation()
+
+    out = wall(InterruptingRobot(), planner(8))
+    assert out["stopped"] == "interrupted (Ctrl-C)" and out["ticks"] == 6

@@ -56,16 +56,16 @@ def test_trained_toy_policy_succeeds_and_summary_is_valid(toy_checkpoint, tmp_pa
 
 def test_crash_keeps_finished_episodes(toy_checkpoint, tmp_path, monkeypatch):
     cfg = compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "eval.n_episodes=6", "eval.n_envs=3")
-    real_rollout = run.rollout
+    real_simulate = run.simulate
     calls = []
 
-    def rollout_then_crash(*args, **kwargs):
+    def simulate_then_crash(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("simulated crash in the second batch")
-        return real_rollout(*args, **kwargs)
+        return real_simulate(*args, **kwargs)
 
-    monkeypatch.setattr(run, "rollout", rollout_then_crash)
+    monkeypatch.setattr(run, "simulate", simulate_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run.evaluate(cfg, tmp_path)
     lines = (tmp_path / "episodes.jsonl").read_text().splitlines()
@@ -150,3 +150,39 @@ def test_calibrate_bench_and_cached_rollouts(toy_checkpoint, tmp_path):
 
     md = report.table(report.load([tmp_path / "run"]))
     assert "| toy | bac | 10 | 5 | 10 |" in md
+
+
+def test_realtime_loop_reports_misses_and_budget_picks_s(toy_checkpoint, tmp_path):
+    base = ["env=toy", f"policy.checkpoint={toy_checkpoint}", "eval.n_episodes=4", "eval.n_envs=4", "loop=realtime",
+            "eval.latency_trials=3", "loop.latency_samples=3"]
+    # Sync inference with 0.35 s of latency at 10 Hz: every chunk after the first arrives 4 ticks late.
+    s = run.evaluate(compose_cfg(*base, "loop.latency=fixed", "loop.latency_ms=350", "loop.asynchronous=false"),
+                     tmp_path / "sync")
+    assert s["loop"] == "realtime" and s["deadline_misses"] > 0 and s["stale_dropped"] > 0
+    assert s["loop_config"]["sim_latency_ms"] == 350.0 and set(s["latency_ms"]) == {"p50", "p95", "p99"}
+    assert s["control_hz"] < 10.0 and s["action_age_ms"] > 0
+    episode = json.loads((tmp_path / "sync" / "episodes.jsonl").read_text().splitlines()[0])
+    assert episode["loop"]["latencies_ms"][1] == 350.0
+    # Asynchronous with the same latency hides it: no misses.
+    a = run.evaluate(compose_cfg(*base, "loop.latency=fixed", "loop.latency_ms=350"), tmp_path / "async")
+    assert a["deadline_misses"] == 0
+    # A budget nothing meets picks the fastest S and says so; a generous one keeps the uncached policy.
+    tight = run.evaluate(compose_cfg(*base, "cache=uniform", "loop.budget_ms=0.001", "tune.n_updates=[2,5]",
+                                     "tune.trials=2"), tmp_path / "tight")
+    assert tight["budget"]["chosen"]["meets_budget"] is False and tight["cache"] == "uniform"
+    loose = run.evaluate(compose_cfg(*base, "cache=uniform", "loop.budget_ms=100000", "tune.n_updates=[2,5]",
+                                     "tune.trials=2"), tmp_path / "loose")
+    assert loose["budget"]["chosen"]["meets_budget"] is True and loose["cache"] == "none"
+
+
+def test_deploy_on_the_simulated_robot_logs_every_tick(toy_checkpoint, tmp_path):
+    import eval.deploy as deploy
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("deploy", overrides=["env=toy", f"policy.checkpoint={toy_checkpoint}", "deploy.max_steps=30"])
+    assert cfg.loop.name == "realtime"
+    s = deploy.deploy(cfg, tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "deploy.jsonl").read_text().splitlines()]
+    assert len([x for x in lines if "tick" in x]) == s["ticks"] and "summary" in lines[-1]
+    assert s["stopped"] is None and s["ticks"] <= 30 and s["latency_ms"]["p95"] > 0
+    assert json.loads((tmp_path / "summary.json").read_text())["task"] == "toy"

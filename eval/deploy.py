@@ -1,0 +1,120 @@
+"""Run a policy on a robot on the wall clock, with a watchdog: the deployment loop.
+
+    python eval/deploy.py env=robomimic cache=bac                      # the simulated robot, Lift
+    python eval/deploy.py env=robomimic env.task=can cache=bac loop.budget_ms=100 deploy.max_steps=400
+
+The control thread ticks at the robot's control rate; the policy runs on a worker thread (asynchronously by
+default: the next chunk is computed while the current one executes). The watchdog stops the robot safely after
+``deploy.max_consecutive_misses`` missed deadlines in a row, on a NaN or inf observation, or on any exception;
+Ctrl-C stops it too. Every tick is appended to ``deploy.jsonl`` in the run folder (flushed as it goes), the
+summary to ``summary.json``. ``deploy.robot=sim`` is the simulator-backed robot (``envs/sim_robot.py``); a real
+robot implements the same four methods (``bac.loop.Robot``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import hydra  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from bac.loop import Watchdog, run_wallclock  # noqa: E402
+from envs import make_env  # noqa: E402
+from policies import load_policy  # noqa: E402
+from policies.caching import enable_cache, make_schedule  # noqa: E402
+
+ROBOTS = ("sim",)
+
+
+def deploy(cfg: DictConfig, out_dir: Path) -> dict:
+    from eval.run import check_env_matches_policy, device_name, loop_config, pick_device, probe_obs, resolve_path
+
+    torch.set_num_threads(int(cfg.threads))
+    if cfg.deploy.robot not in ROBOTS:
+        raise ValueError(f"deploy.robot must be one of {ROBOTS}, got {cfg.deploy.robot!r}")
+    device = pick_device(str(cfg.device))
+    checkpoint = resolve_path(cfg.policy.checkpoint)
+    policy = load_policy(checkpoint, device, num_inference_steps=cfg.policy.num_inference_steps,
+                         scheduler=cfg.policy.scheduler)
+    pc = policy.config
+    env_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.env, resolve=True).items() if k != "name"}
+    env = make_env(cfg.env.name, **env_kwargs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        check_env_matches_policy(env, policy)
+        loop, n_chunk = loop_config(cfg, env, policy)
+        if loop.mode != "realtime":
+            raise ValueError("deployment runs on the wall clock: use loop=realtime")
+        cache_name, n_updates = str(cfg.cache.name), int(cfg.cache.get("n_updates", 10))
+        if cfg.loop.budget_ms is not None:
+            from eval.tune import choose, measure_budgets, print_tune
+
+            sample = probe_obs(env, policy, int(cfg.deploy.seed))
+            one = [{k: torch.from_numpy(v).to(device) for k, v in sample.items()}]
+            rows = measure_budgets(policy, checkpoint, cache_name, list(cfg.tune.n_updates), one, int(cfg.tune.trials),
+                                   int(cfg.tune.warmup), int(cfg.cache.get("n_bubble", 5)),
+                                   str(cfg.cache.get("metric", "cosine")))
+            chosen = choose(rows, float(cfg.loop.budget_ms))
+            print_tune(rows, chosen, float(cfg.loop.budget_ms))
+            cache_name, n_updates = chosen["cache"], int(chosen["n_updates"])
+        schedule = make_schedule(policy, checkpoint, cache_name, n_updates=n_updates,
+                                 n_bubble=int(cfg.cache.get("n_bubble", 5)), metric=str(cfg.cache.get("metric", "cosine")),
+                                 schedule_path=cfg.cache.get("schedule") if cfg.loop.budget_ms is None else None)
+        if cache_name != "none":
+            enable_cache(policy, schedule, profile=False)
+        gen = torch.Generator(device=device).manual_seed(int(cfg.deploy.seed))
+        start = pc.n_obs_steps - 1
+
+        def predict(batch: dict[str, np.ndarray]) -> np.ndarray:
+            obs = {k: torch.from_numpy(v) for k, v in batch.items()}
+            return policy.predict_action(obs, generator=gen)["action_pred"][:, start : start + n_chunk].cpu().numpy()
+
+        from envs.sim_robot import SimRobot
+
+        robot = SimRobot(env, int(cfg.deploy.seed), loop.control_hz)
+        with open(out_dir / "deploy.jsonl", "a") as f:
+
+            def log(record: dict) -> None:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+
+            summary = run_wallclock(
+                robot, predict, pc.n_obs_steps, pc.n_action_steps, int(cfg.deploy.max_steps), loop,
+                Watchdog(max_consecutive_misses=int(cfg.deploy.max_consecutive_misses)), log=log,
+                latency_scale=float(cfg.loop.latency_scale), should_stop=lambda: robot.done,
+            )
+    finally:
+        env.close()
+    summary = {"task": cfg.env.task, "cache": cache_name, "n_updates": n_updates if cache_name != "none" else None,
+               "robot": str(cfg.deploy.robot), "success": robot.success, **summary,
+               "latency_ms": {k: round(float(np.percentile(summary["latencies_ms"], q)), 2)
+                              for k, q in (("p50", 50), ("p95", 95), ("p99", 99))} if summary["latencies_ms"] else None,
+               "device": device_name(device)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lat = summary["latency_ms"] or {}
+    print(f"{summary['task']} {cache_name}: {'success' if robot.success else 'no success'} after {summary['ticks']} ticks "
+          f"({summary['elapsed_s']:.1f} s); control {summary['control_hz']} Hz; latency p50 {lat.get('p50')} ms, "
+          f"p95 {lat.get('p95')} ms; misses {summary['deadline_misses']}, stale dropped {summary['stale_dropped']}; "
+          f"stopped: {summary['stopped'] or 'no (finished)'}")
+    print(f"log in {out_dir / 'deploy.jsonl'}")
+    return summary
+
+
+@hydra.main(version_base=None, config_path=str(ROOT / "configs"), config_name="deploy")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    deploy(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()
