@@ -2,6 +2,7 @@
 
     python eval/bench.py env=robomimic env.task=can
     python eval/bench.py env=robomimic bench.caches=[none,uniform,bac] bench.n_updates=[5,10,20]
+    python eval/bench.py env=robomimic bench.caches=[none,bac] bench.n_bubble=[2,3,5]   # BAC's top-n knob
 
 For every cache config it times batch-1 ``predict_action`` (median and p95 over ``bench.trials`` rounds;
 in each round every config runs once, so drift in machine load hits all of them alike), reports the
@@ -23,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from bac.metrics import latency_stats  # noqa: E402
 from policies import load_policy  # noqa: E402
@@ -50,11 +51,14 @@ def bench(cfg: DictConfig, out_dir: Path) -> list[dict]:
     obs = load_bench_obs(policy, checkpoint, int(cfg.bench.n_obs))
     obs = {k: v.to(device) for k, v in obs.items()}
     configs = []  # (label, cache name, S, schedule)
+    bubbles = cfg.bench.n_bubble if OmegaConf.is_list(cfg.bench.n_bubble) else [cfg.bench.n_bubble]
     for name in cfg.bench.caches:
         for S in ([None] if name == "none" else cfg.bench.n_updates):
-            schedule = make_schedule(policy, checkpoint, name, n_updates=int(S or 0), n_bubble=int(cfg.bench.n_bubble),
-                                     metric=str(cfg.bench.metric))
-            configs.append((name if S is None else f"{name}@S{S}", name, S, schedule))
+            for n in (bubbles if name == "bac" else [bubbles[0]]):
+                schedule = make_schedule(policy, checkpoint, name, n_updates=int(S or 0), n_bubble=int(n),
+                                         metric=str(cfg.bench.metric))
+                label = name if S is None else f"{name}@S{S}" + (f"n{n}" if name == "bac" and len(bubbles) > 1 else "")
+                configs.append((label, name, S, schedule))
 
     def run(o, seed):
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -71,7 +75,8 @@ def bench(cfg: DictConfig, out_dir: Path) -> list[dict]:
     for label, name, S, schedule in configs:
         engine = enable_cache(policy, schedule) if name != "none" else None
         mse = float(np.mean([(run(o, 1000 + i) - reference[i]).pow(2).mean().item() for i, o in enumerate(one)]))
-        rows[label] = {"cache": name, "n_updates": S, "action_mse": mse, "times": [],
+        rows[label] = {"cache": name, "n_updates": S, "n_bubble": getattr(schedule, "n_bubble", None),
+                       "action_mse": mse, "times": [],
                        "flops_ratio": engine.flops_ratio() if engine else 1.0,
                        "computed_fraction": schedule.computed_fraction() if schedule else 1.0}
         if engine:

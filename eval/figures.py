@@ -3,6 +3,7 @@
     python eval/figures.py heatmaps --checkpoint checkpoints/lift            # per-block similarity heatmaps
     python eval/figures.py step-error --checkpoint checkpoints/lift          # per-step error: block-wise ACS vs BAC
     python eval/figures.py hz-success results/2026-11-25 --out docs/hz_success.png   # from summary.json files
+    python eval/figures.py realtime docs/results/realtime --offline docs/results --out docs/figures/realtime.png
 
 The step-error figure runs the uncached sampler on held-out benchmark observations, then feeds each
 step's x_k to the cached denoiser and plots its output error at that step (teacher forcing, so the curve
@@ -142,6 +143,48 @@ def hz_success(result_dirs: list[Path], out: Path, hz_key: str = "inference_hz")
     return out
 
 
+def _label(s: dict) -> str:
+    sched = (s.get("cache_stats") or {}).get("schedule", {})
+    return s["cache"] + (f" S={sched['n_updates']}" if sched.get("n_updates") else "")
+
+
+def realtime(result_dirs: list[Path], offline_dirs: list[Path], out: Path) -> Path:
+    """Achieved control Hz against success for realtime runs; each config's offline success (same cache, same
+    S, same task) drawn hollow at the same Hz with a line down to its realtime result."""
+    load = lambda dirs: [json.loads(p.read_text()) for d in dirs for p in sorted(d.rglob("summary.json"))]  # noqa: E731
+    rt = [s for s in load(result_dirs) if s.get("loop") == "realtime"]
+    off = {(s["task"], _label(s)): s for s in load(offline_dirs) if s.get("loop", "offline") == "offline"}
+    if not rt:
+        raise FileNotFoundError(f"no realtime summary.json under {[str(d) for d in result_dirs]}")
+    tasks = sorted({s["task"] for s in rt})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = sorted((s for s in rt if s["task"] == task), key=lambda s: s["control_hz"])
+        for s in rows:
+            lo, hi = s["success_ci95"]
+            color = COLORS.get(s["cache"])
+            ax.errorbar(s["control_hz"], s["success_rate"], yerr=[[s["success_rate"] - lo], [hi - s["success_rate"]]],
+                        fmt="o", capsize=4, color=color, ms=7,
+                        label=f"{_label(s)} (p50 {s['latency_ms']['p50']:.0f} ms)")
+            ref = off.get((task, _label(s)))
+            if ref is not None:
+                ax.plot([s["control_hz"]] * 2, [ref["success_rate"], s["success_rate"]], color=color, lw=0.8, ls=":")
+                ax.plot(s["control_hz"], ref["success_rate"], marker="o", mfc="none", color=color, ms=9)
+        hz = rows[0]["loop_config"]["control_hz"]
+        ax.axvline(hz, color="k", lw=0.6, ls="--")
+        ax.set_xlim(-0.5, hz * 1.08)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(f"achieved control Hz (policy actions per second of world time; world at {hz:g} Hz)")
+        ax.set_ylabel(f"success rate, {rows[0]['n_episodes']} episodes (95% CI)")
+        ax.set_title(f"{task}: realtime loop, DDPM-{rows[0]['num_inference_steps']}, {rows[0]['device'].split(',')[0]}"
+                     "\nfilled: realtime, hollow: same config offline", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -158,6 +201,10 @@ def main(argv=None) -> None:
     z.add_argument("results", nargs="+")
     z.add_argument("--out", required=True)
     z.add_argument("--hz", default="inference_hz", choices=["inference_hz", "control_hz"])
+    r = sub.add_parser("realtime")
+    r.add_argument("results", nargs="+")
+    r.add_argument("--offline", nargs="*", default=[], help="folders with the offline runs of the same configs")
+    r.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.cmd == "heatmaps":
@@ -166,6 +213,8 @@ def main(argv=None) -> None:
     elif a.cmd == "step-error":
         ckpt = Path(a.checkpoint)
         path = step_error(ckpt, a.n_updates, a.n_bubble, Path(a.out or ckpt / "calibration" / f"step_error_S{a.n_updates}.png"))
+    elif a.cmd == "realtime":
+        path = realtime([Path(x) for x in a.results], [Path(x) for x in a.offline], Path(a.out))
     else:
         path = hz_success([Path(r) for r in a.results], Path(a.out), a.hz)
     print(f"wrote {path}")

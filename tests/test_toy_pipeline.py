@@ -186,3 +186,12 @@ def test_deploy_on_the_simulated_robot_logs_every_tick(toy_checkpoint, tmp_path)
     assert len([x for x in lines if "tick" in x]) == s["ticks"] and "summary" in lines[-1]
     assert s["stopped"] is None and s["ticks"] <= 30 and s["latency_ms"]["p95"] > 0
     assert json.loads((tmp_path / "summary.json").read_text())["task"] == "toy"
+
+
+def test_wall_clock_episodes_through_run(toy_checkpoint, tmp_path):
+    cfg = compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "eval.n_episodes=2", "loop=realtime",
+                      "loop.clock=wall", "eval.latency_trials=2", "loop.latency_samples=2")
+    s = run.evaluate(cfg, tmp_path)
+    assert s["clock"] == "wall" and s["n_episodes"] == 2 and 0 < s["control_hz"] <= 10.5
+    lines = [json.loads(x) for x in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(x["loop"]["n_inferences"] >= 1 for x in lines)
