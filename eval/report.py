@@ -21,14 +21,43 @@ def load(dirs: list[Path]) -> list[dict]:
     return rows
 
 
+def _order(r: dict):
+    return (ORDER.index(r["cache"]) if r["cache"] in ORDER else 99,
+            (r.get("cache_stats") or {}).get("schedule", {}).get("n_updates") or 0)
+
+
+def realtime_table(rows: list[dict]) -> str:
+    """Realtime-loop runs: success next to what the loop did (misses, stale actions, action age)."""
+    rows = [r for r in rows if r.get("loop") == "realtime"]
+    if not rows:
+        return ""
+    head = ("| task | cache | S | n | episodes | success [95% CI] | latency p50 / p95 / p99 ms | control Hz "
+            "| misses / episode | stale dropped / episode | action age ms | FLOPs ratio |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for task in sorted({r["task"] for r in rows}):
+        for r in sorted((r for r in rows if r["task"] == task), key=_order):
+            sched = (r.get("cache_stats") or {}).get("schedule", {})
+            lo, hi = r["success_ci95"]
+            lat, n = r["latency_ms"], r["n_episodes"]
+            lines.append(
+                f"| {task} | {r['cache']} | {sched.get('n_updates') or '-'} | {sched.get('n_bubble') or '-'} | {n} "
+                f"| {r['success_rate']:.2f} [{lo:.2f}, {hi:.2f}] | {lat['p50']:.0f} / {lat['p95']:.0f} / {lat['p99']:.0f} "
+                f"| {r['control_hz']:.1f} | {r['deadline_misses'] / n:.1f} | {r['stale_dropped'] / n:.1f} "
+                f"| {r['action_age_ms'] if r['action_age_ms'] is not None else '-'} | {r.get('flops_ratio', 1.0):.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def table(rows: list[dict]) -> str:
+    rows = [r for r in rows if r.get("loop", "offline") == "offline"]
+    if not rows:
+        return ""
     head = ("| task | cache | S | n | episodes | success [95% CI] | latency p50 / p95 ms | inference Hz "
             "| control Hz | FLOPs ratio | device |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for task in sorted({r["task"] for r in rows}):
         group = [r for r in rows if r["task"] == task]
-        group.sort(key=lambda r: (ORDER.index(r["cache"]) if r["cache"] in ORDER else 99,
-                                  (r.get("cache_stats") or {}).get("schedule", {}).get("n_updates") or 0))
+        group.sort(key=_order)
         for r in group:
             sched = (r.get("cache_stats") or {}).get("schedule", {})
             lo, hi = r["success_ci95"]
@@ -60,7 +89,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     dirs = [Path(r) for r in a.results]
-    md = table(load(dirs))
+    rows = load(dirs)
+    md = table(rows)
+    rt = realtime_table(rows)
+    if rt:
+        md += ("\nRealtime loop (the simulated world runs at its control rate while the policy computes; "
+               "asynchronous inference, stale actions dropped, hold on a miss):\n\n" + rt)
     bench = bench_table(dirs)
     if bench:
         md += "\nBenchmark (eval/bench.py: one process, interleaved rounds, batch 1):\n\n" + bench
