@@ -20,6 +20,9 @@ def main(argv=None) -> None:
     p.add_argument("--summary", required=True, help="summary.json of an eval/run.py run of this checkpoint")
     p.add_argument("--collect", required=True, help="the command that made the demos")
     p.add_argument("--eval-command", default=None, help="the eval/run.py command (default: from the summary)")
+    p.add_argument("--init-collect", default=None,
+                   help="for a run started with train.py --init-from: how the source checkpoint's demos were made")
+    p.add_argument("--note", default=None, help="free text kept in the manifest (e.g. what does not work yet)")
     a = p.parse_args(argv)
     ckpt = Path(a.checkpoint)
     record = json.loads((ckpt / "train_record.json").read_text())
@@ -40,6 +43,10 @@ def main(argv=None) -> None:
             "control_hz": s["control_hz"], "device": s["device"],
         },
     }
+    if record.get("init_from"):
+        manifest["training"]["init_from"] = dict(record["init_from"], demos_command=a.init_collect)
+    if a.note:
+        manifest["status"] = a.note
     (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {ckpt / 'manifest.json'}: {s['task']} success {s['success_rate']:.2f} {s['success_ci95']}")
 
