@@ -188,7 +188,7 @@ def realtime(result_dirs: list[Path], offline_dirs: list[Path], out: Path) -> Pa
         ax.set_title(f"{task}: realtime loop at {hz:g} Hz, Ta 8, DDPM-{rows[0]['num_inference_steps']}, {device}\n"
                      "filled: realtime; hollow: same config, offline loop", fontsize=9)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="center right")
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     return out

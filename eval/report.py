@@ -31,16 +31,17 @@ def realtime_table(rows: list[dict]) -> str:
     rows = [r for r in rows if r.get("loop") == "realtime"]
     if not rows:
         return ""
-    head = ("| task | cache | S | n | episodes | success [95% CI] | latency p50 / p95 / p99 ms | control Hz "
+    head = ("| task | cache | S | n | queued | episodes | success [95% CI] | latency p50 / p95 / p99 ms | control Hz "
             "| misses / episode | stale dropped / episode | action age ms | FLOPs ratio |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for task in sorted({r["task"] for r in rows}):
-        for r in sorted((r for r in rows if r["task"] == task), key=_order):
+        for r in sorted((r for r in rows if r["task"] == task), key=lambda r: (_order(r), r["loop_config"]["chunk_actions"])):
             sched = (r.get("cache_stats") or {}).get("schedule", {})
             lo, hi = r["success_ci95"]
             lat, n = r["latency_ms"], r["n_episodes"]
             lines.append(
-                f"| {task} | {r['cache']} | {sched.get('n_updates') or '-'} | {sched.get('n_bubble') or '-'} | {n} "
+                f"| {task} | {r['cache']} | {sched.get('n_updates') or '-'} | {sched.get('n_bubble') or '-'} "
+                f"| {r['loop_config']['chunk_actions']} | {n} "
                 f"| {r['success_rate']:.2f} [{lo:.2f}, {hi:.2f}] | {lat['p50']:.0f} / {lat['p95']:.0f} / {lat['p99']:.0f} "
                 f"| {r['control_hz']:.1f} | {r['deadline_misses'] / n:.1f} | {r['stale_dropped'] / n:.1f} "
                 f"| {r['action_age_ms'] if r['action_age_ms'] is not None else '-'} | {r.get('flops_ratio', 1.0):.3f} |"
