@@ -320,10 +320,6 @@ class SquareExpert(PlaceExpert):
     """
 
     drop_dist = 0.12  # the eef holds the handle, about 5 cm from the nut centre
-    # Align tightly over the handle before descending and over the peg before lowering (the hole clears the
-    # peg by ~7 mm a side), so the demos show a clear "align, then go down" at both places.
-    hover_xy = 0.005
-    place_xy = 0.004
 
     def _nut_body(self) -> int:
         return self.rs.obj_body_id[self.rs.nuts[self.rs.nut_id].name]
