@@ -159,7 +159,7 @@ def realtime(result_dirs: list[Path], offline_dirs: list[Path], out: Path) -> Pa
     if not rt:
         raise FileNotFoundError(f"no realtime summary.json under {[str(d) for d in result_dirs]}")
     tasks = sorted({s["task"] for s in rt})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.0 * len(tasks), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(8.4 * len(tasks), 4.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = sorted((s for s in rt if s["task"] == task), key=lambda s: s["inference_hz"])
         for s in rows:
@@ -188,7 +188,7 @@ def realtime(result_dirs: list[Path], offline_dirs: list[Path], out: Path) -> Pa
         ax.set_title(f"{task}: realtime loop at {hz:g} Hz, Ta 8, DDPM-{rows[0]['num_inference_steps']}, {device}\n"
                      "filled: realtime; hollow: same config, offline loop", fontsize=9)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     return out
