@@ -137,13 +137,6 @@ class ActionQueue:
             slot.append((a, obs_tick))
         return dropped, obs_tick + shift
 
-    def remaining(self, tick: int) -> int:
-        """How many consecutive ticks from ``tick`` on have an action queued."""
-        n = 0
-        while self._slots.get(tick + n):
-            n += 1
-        return n
-
     def pop(self, tick: int) -> tuple[np.ndarray, float] | None:
         """The action for ``tick`` and the tick of the observation it came from (a weighted mean when
         ensembling); forgets everything before and at ``tick``. None when nothing is queued for it."""

@@ -1,15 +1,13 @@
-"""Rollout building blocks (observation history, episode results, timing) and the offline rollout.
+"""Rollout building blocks: observation history, episode results, timing (the loop itself is bac.loop).
 
 The policy is any ``predict(obs)`` callable: ``obs[key]`` is (B, To, d) numpy, the return value is the
-action chunk (B, Ta, Da) numpy. This module owns time (observation history, chunk execution, episode
-ends); it knows nothing about models or simulators beyond the gymnasium API and ``info["is_success"]``.
-In the offline loop the world waits for the policy, as in Diffusion Policy's evaluation.
+action chunk (B, Ta, Da) numpy.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -66,25 +64,3 @@ class BatchTiming:
     policy_call_s: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     env_step_s: list[float] = field(default_factory=list)
-
-
-def rollout(
-    envs: Sequence,
-    seeds: Sequence[int],
-    predict: Predict,
-    n_obs_steps: int,
-    n_action_steps: int,
-    max_steps: int,
-    record_video: Sequence[bool] | bool = False,
-    on_episode_end: Callable[[EpisodeResult], None] | None = None,
-    timing: BatchTiming | None = None,
-) -> list[EpisodeResult]:
-    """The offline loop (the world waits for the policy): ``bac.loop.simulate`` with ``LoopConfig(mode="offline")``.
-
-    Every ``n_action_steps`` env steps the still-running envs' histories are stacked into one batch (B, To, d) and
-    the first ``n_action_steps`` actions of the returned chunk are executed open loop.
-    """
-    from bac.loop import LoopConfig, simulate  # bac.loop builds on this module's classes
-
-    return simulate(envs, seeds, predict, n_obs_steps, n_action_steps, max_steps, LoopConfig(mode="offline"),
-                    record_video=record_video, on_episode_end=on_episode_end, timing=timing)

@@ -218,7 +218,6 @@ class PlaceExpert(Expert):
     carry_z = 0.22  # eef height above the floor while carrying
     retreat_dz = 0.10
     release_steps = 8
-    place_xy = 0.01  # object-over-goal alignment required before lowering
     drop_dist = 0.08
     holding_phases = ("lift", "carry", "lower")
 
@@ -247,7 +246,7 @@ class PlaceExpert(Expert):
                 self.goto("carry")
             return np.array([eef[0], eef[1], carry_z]), self.yaw, CLOSE
         if self.phase == "carry":
-            if np.linalg.norm(shift[:2]) < self.place_xy:
+            if np.linalg.norm(shift[:2]) < 0.01:
                 self.goto("lower")
             return np.array([*(eef[:2] + shift[:2]), carry_z]), self.carry_yaw(eef_yaw), CLOSE
         if self.phase == "lower":

@@ -35,7 +35,8 @@ ROBOTS = ("sim",)
 
 
 def deploy(cfg: DictConfig, out_dir: Path) -> dict:
-    from eval.run import check_env_matches_policy, device_name, loop_config, pick_device, probe_obs, resolve_path
+    from eval.run import (check_env_matches_policy, chunk_predictor, device_name, loop_config, pick_device,
+                          probe_obs, resolve_path)
 
     torch.set_num_threads(int(cfg.threads))
     if cfg.deploy.robot not in ROBOTS:
@@ -56,28 +57,16 @@ def deploy(cfg: DictConfig, out_dir: Path) -> dict:
             raise ValueError("deployment runs on the wall clock: use loop=realtime")
         cache_name, n_updates = str(cfg.cache.name), int(cfg.cache.get("n_updates", 10))
         if cfg.loop.budget_ms is not None:
-            from eval.tune import choose, measure_budgets, print_tune
+            from eval.tune import pick_budget
 
-            sample = probe_obs(env, policy, int(cfg.deploy.seed))
-            one = [{k: torch.from_numpy(v).to(device) for k, v in sample.items()}]
-            rows = measure_budgets(policy, checkpoint, cache_name, list(cfg.tune.n_updates), one, int(cfg.tune.trials),
-                                   int(cfg.tune.warmup), int(cfg.cache.get("n_bubble", 5)),
-                                   str(cfg.cache.get("metric", "cosine")))
-            chosen = choose(rows, float(cfg.loop.budget_ms))
-            print_tune(rows, chosen, float(cfg.loop.budget_ms))
+            chosen = pick_budget(cfg, policy, checkpoint, probe_obs(env, policy, int(cfg.deploy.seed)))["chosen"]
             cache_name, n_updates = chosen["cache"], int(chosen["n_updates"])
         schedule = make_schedule(policy, checkpoint, cache_name, n_updates=n_updates,
                                  n_bubble=int(cfg.cache.get("n_bubble", 5)), metric=str(cfg.cache.get("metric", "cosine")),
                                  schedule_path=cfg.cache.get("schedule") if cfg.loop.budget_ms is None else None)
         if cache_name != "none":
             enable_cache(policy, schedule, profile=False)
-        gen = torch.Generator(device=device).manual_seed(int(cfg.deploy.seed))
-        start = pc.n_obs_steps - 1
-
-        def predict(batch: dict[str, np.ndarray]) -> np.ndarray:
-            obs = {k: torch.from_numpy(v) for k, v in batch.items()}
-            return policy.predict_action(obs, generator=gen)["action_pred"][:, start : start + n_chunk].cpu().numpy()
-
+        predict = chunk_predictor(policy, n_chunk, int(cfg.deploy.seed))
         from envs.sim_robot import SimRobot
 
         robot = SimRobot(env, int(cfg.deploy.seed), loop.control_hz)

@@ -153,9 +153,10 @@ def realtime(result_dirs: list[Path], offline_dirs: list[Path], out: Path) -> Pa
     """Inference frequency (batch-1 chunks per second on this device, log scale) against success in the realtime
     loop (filled), with each config's offline success (same cache, S and task; hollow) at the same frequency.
     Each point is labelled with the control Hz the realtime loop achieved (policy actions per world second)."""
-    load = lambda dirs: [json.loads(p.read_text()) for d in dirs for p in sorted(d.rglob("summary.json"))]  # noqa: E731
+    from eval.report import load
+
     rt = [s for s in load(result_dirs) if s.get("loop") == "realtime"]
-    off = {(s["task"], _label(s)): s for s in load(offline_dirs) if s.get("loop", "offline") == "offline"}
+    off = {(s["task"], _label(s)): s for s in (load(offline_dirs) if offline_dirs else []) if s.get("loop", "offline") == "offline"}
     if not rt:
         raise FileNotFoundError(f"no realtime summary.json under {[str(d) for d in result_dirs]}")
     tasks = sorted({s["task"] for s in rt})

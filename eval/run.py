@@ -95,6 +95,18 @@ def loop_config(cfg: DictConfig, env, policy) -> tuple[LoopConfig, int]:
     return config, n_chunk
 
 
+def chunk_predictor(policy, n_chunk: int, seed: int):
+    """``predict(obs numpy) -> (B, n_chunk, Da)``: the predicted actions from the current observation's step on."""
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+    start = policy.config.n_obs_steps - 1
+
+    def predict(batch: dict[str, np.ndarray]) -> np.ndarray:
+        obs = {k: torch.from_numpy(v) for k, v in batch.items()}
+        return policy.predict_action(obs, generator=gen)["action_pred"][:, start : start + n_chunk].cpu().numpy()
+
+    return predict
+
+
 def latency_model(cfg: DictConfig, measured_s: list[float]) -> LatencyModel:
     lc = cfg.loop
     scale = float(lc.latency_scale)
@@ -135,17 +147,10 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         probe_env.close()
     cache_name, n_updates, budget = str(cfg.cache.name), int(cfg.cache.get("n_updates", 10)), None
     if cfg.loop.budget_ms is not None:
-        from eval.tune import choose, measure_budgets, print_tune
+        from eval.tune import pick_budget
 
-        if cache_name == "none":
-            raise ValueError("loop.budget_ms picks a cache budget S; choose a cache method too, e.g. cache=bac")
-        one = [{k: torch.from_numpy(v).to(device) for k, v in sample_obs.items()}]
-        rows = measure_budgets(policy, checkpoint, cache_name, list(cfg.tune.n_updates), one, int(cfg.tune.trials),
-                               int(cfg.tune.warmup), int(cfg.cache.get("n_bubble", 5)), str(cfg.cache.get("metric", "cosine")))
-        chosen = choose(rows, float(cfg.loop.budget_ms))
-        print_tune(rows, chosen, float(cfg.loop.budget_ms))
-        budget = {"budget_ms": float(cfg.loop.budget_ms), "chosen": chosen, "rows": rows}
-        cache_name, n_updates = chosen["cache"], int(chosen["n_updates"])
+        budget = pick_budget(cfg, policy, checkpoint, sample_obs)
+        cache_name, n_updates = budget["chosen"]["cache"], int(budget["chosen"]["n_updates"])
     schedule = make_schedule(
         policy, checkpoint, cache_name, n_updates=n_updates,
         n_bubble=int(cfg.cache.get("n_bubble", 0)), metric=str(cfg.cache.get("metric", "cosine")),
@@ -162,12 +167,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     n_lat = max(int(cfg.eval.latency_trials), int(cfg.loop.latency_samples))
     latencies = measure_latency(policy, {k: np.repeat(v, 2, 0) for k, v in sample_obs.items()}, n_lat, int(cfg.eval.seed))
     lat_model = latency_model(cfg, latencies) if loop.mode == "realtime" else None
-    gen = torch.Generator(device=device).manual_seed(int(cfg.eval.seed))
-    start = pc.n_obs_steps - 1
-
-    def predict(batch: dict[str, np.ndarray]) -> np.ndarray:
-        obs = {k: torch.from_numpy(v) for k, v in batch.items()}
-        return policy.predict_action(obs, generator=gen)["action_pred"][:, start : start + n_chunk].cpu().numpy()
+    predict = chunk_predictor(policy, n_chunk, int(cfg.eval.seed))
 
     results, timing = [], BatchTiming()
     t_start = time.time()

@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import hydra  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
@@ -83,6 +82,19 @@ def choose(rows: list[dict], budget_ms: float) -> dict:
     if ok:
         return dict(max(ok, key=lambda r: r["n_updates"]), meets_budget=True)
     return dict(min(rows, key=lambda r: r["latency_ms"]["p95"]), meets_budget=False)
+
+
+def pick_budget(cfg, policy, checkpoint: Path, obs: dict) -> dict:
+    """``loop.budget_ms`` in eval/run.py and eval/deploy.py: time ``cfg.cache.name`` at ``cfg.tune.n_updates`` on the
+    batch-1 observation ``obs`` (key -> (1, To, d) numpy), print the table, return {budget_ms, chosen, rows}."""
+    if cfg.cache.name == "none":
+        raise ValueError("loop.budget_ms picks a cache budget S; choose a cache method too, e.g. cache=bac")
+    one = [{k: torch.from_numpy(v).to(policy.device) for k, v in obs.items()}]
+    rows = measure_budgets(policy, checkpoint, str(cfg.cache.name), list(cfg.tune.n_updates), one, int(cfg.tune.trials),
+                           int(cfg.tune.warmup), int(cfg.cache.get("n_bubble", 5)), str(cfg.cache.get("metric", "cosine")))
+    chosen = choose(rows, float(cfg.loop.budget_ms))
+    print_tune(rows, chosen, float(cfg.loop.budget_ms))
+    return {"budget_ms": float(cfg.loop.budget_ms), "chosen": chosen, "rows": rows}
 
 
 def tune_obs(policy, checkpoint: Path, n: int) -> list[dict]:

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from bac.loop import ActionQueue, LatencyModel, LoopConfig, Watchdog, run_wallclock, simulate
-from bac.rollout import rollout
 
 HOLD = -1.0
 
@@ -57,9 +56,9 @@ def test_offline_equals_sync_equals_async_at_zero_latency():
     assert offline[0].sent == sync[0].sent == asyn[0].sent == [float(t) for t in range(40)]
     assert res[0].loop["deadline_misses"] == 0 and res[0].loop["stale_dropped"] == 0
     assert res[0].loop["action_age_ms"] == pytest.approx(1000 * np.mean([k * 0.05 for k in range(8)]))
-    # The offline rollout is this loop.
+    # simulate's default config is the offline loop.
     envs = [ClockEnv()]
-    rollout(envs, [0], planner(8), 2, 8, 40)
+    simulate(envs, [0], planner(8), 2, 8, 40)
     assert envs[0].sent == offline[0].sent
 
 

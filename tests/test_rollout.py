@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from bac.metrics import latency_stats, wilson_interval
-from bac.rollout import ObsHistory, rollout
+from bac.loop import simulate as rollout  # the offline loop is simulate's default
+from bac.rollout import ObsHistory
 from envs import make_env
 from policies.data import make_windows
 
