@@ -38,6 +38,7 @@ KIND_BY_ATTR = {
     "ca_block": "cross_attn", "cross_attn_block": "cross_attn", "attn2": "cross_attn", "cross_attn": "cross_attn",
     "ff_block": "ffn", "ff": "ffn", "ffn": "ffn", "mlp": "ffn",
 }  # fmt: skip
+FIRST_INPUT = "<first block input>"  # recording key of the stream entering the first block
 # Patterns tried when a model does not declare `cache_blocks` (diffusers and timm-style layouts).
 DEFAULT_PATTERNS = (
     "decoder.layers.*.{sa_block,ca_block,ff_block}",
@@ -105,6 +106,7 @@ class CacheEngine:
             self._find_layers(getattr(model, "cache_layers", None))
         self._layer_reuse: list[list[bool]] | None = None
         self.schedule = None
+        self._strategy = None  # a bac.strategies.Strategy, or None for the schedule (mask) path
         self._mask_list: list[list[bool]] | None = None
         self._session: _Session | None = None
         self._record: dict[str, list[torch.Tensor]] | None = None
@@ -170,6 +172,13 @@ class CacheEngine:
                     return out
                 return original(*args, **kwargs)
             k = s.k
+            if self._strategy is not None:
+                out, frac = self._strategy.block(b, k, original, args, kwargs)
+                self.computed[b, k] += frac
+                self.reused[b, k] += 1.0 - frac
+                if self._record is not None and frac > 0:
+                    self._record[self.blocks[b].name].append(out.detach().float().cpu())
+                return out
             cached = s.cache[b]
             if cached is not None and s.mask is not None and not s.mask[b][k]:
                 self.reused[b, k] += 1
@@ -185,6 +194,8 @@ class CacheEngine:
                     s.fused[li] = None
             if self._record is not None:
                 self._record[self.blocks[b].name].append(out.detach().float().cpu())
+                if b == 0 and FIRST_INPUT in self._record:
+                    self._record[FIRST_INPUT].append(args[0].detach().float().cpu())
             return out
 
         return wrapper
@@ -198,7 +209,17 @@ class CacheEngine:
 
     # ------------------------------------------------------------------ schedule and cursor
     def set_schedule(self, schedule) -> None:
-        """Use ``schedule`` (a ``bac.schedule.Schedule``) or ``None`` (compute every block every step)."""
+        """Use ``schedule`` (a ``bac.schedule.Schedule``), a ``bac.strategies.Strategy``, or ``None`` (compute
+        every block every step). A strategy replaces the mask: it decides per block call (see its module)."""
+        from bac.strategies import Strategy
+
+        if self._session is not None:
+            raise RuntimeError("cannot change the schedule inside a cache session")
+        self._strategy = None
+        if isinstance(schedule, Strategy):
+            schedule.bind(self.blocks)
+            self.schedule, self._mask_list, self._strategy = None, None, schedule
+            return
         if schedule is None:
             self.schedule, self._mask_list = None, None
             return
@@ -219,6 +240,9 @@ class CacheEngine:
             self.schedule.check_compatible(num_steps=num_steps)
         if num_steps > self.computed.shape[1]:
             self._grow_stats(num_steps)
+        strategy = self._strategy
+        if strategy is not None:
+            strategy.begin(num_steps)
         self._session = _Session(num_steps, self._mask_list, cache=[None] * len(self.blocks),
                                  fused=[None] * len(self._layers))
         try:
@@ -227,6 +251,8 @@ class CacheEngine:
             self.peak_cache_bytes = max(self.peak_cache_bytes, self._session.cache_bytes)
             self._session = None
             self.n_sessions += 1
+            if strategy is not None:
+                strategy.end()
 
     def step(self, k: int, t=None) -> None:
         """The sampler announces denoising step ``k`` (0-based) with timestep ``t`` before calling the model."""
@@ -236,11 +262,14 @@ class CacheEngine:
         if not 0 <= k < s.num_steps:
             raise IndexError(f"step {k} is outside the session's {s.num_steps} steps")
         s.k = k
+        if self._strategy is not None:
+            self._strategy.step(k, t)
 
     # ------------------------------------------------------------------ statistics
     def reset_stats(self, num_steps: int = 1) -> None:
-        self.computed = np.zeros((len(self.blocks), num_steps), dtype=np.int64)
-        self.reused = np.zeros((len(self.blocks), num_steps), dtype=np.int64)
+        # float: a token-wise strategy computes a fraction of a block
+        self.computed = np.zeros((len(self.blocks), num_steps), dtype=np.float64)
+        self.reused = np.zeros((len(self.blocks), num_steps), dtype=np.float64)
         self.peak_cache_bytes = 0
         self.n_sessions = 0
 
@@ -250,9 +279,13 @@ class CacheEngine:
         self.reused = np.pad(self.reused, ((0, 0), (0, pad)))
 
     @contextmanager
-    def recording(self) -> Iterator[dict[str, list[torch.Tensor]]]:
-        """Keep every block output of every step (for calibration); use with no schedule (compute all)."""
+    def recording(self, first_input: bool = False) -> Iterator[dict[str, list[torch.Tensor]]]:
+        """Keep every block output of every step (for calibration); use with no schedule (compute all).
+        With ``first_input``, also the first block's input (the stream entering the stack) under the key
+        ``bac.engine.FIRST_INPUT``."""
         self._record = {b.name: [] for b in self.blocks}
+        if first_input:
+            self._record[FIRST_INPUT] = []
         try:
             yield self._record
         finally:
@@ -283,12 +316,24 @@ class CacheEngine:
         """Analytic FLOPs of a sampling run under ``mask`` (default: the schedule) over the uncached run."""
         if not hasattr(self, "model_flops"):
             raise RuntimeError("call engine.profile_flops(...) first")
+        if mask is None and self._strategy is not None:
+            return self.measured_flops_ratio()
         if mask is None:
             mask = np.ones((len(self.blocks), 1), bool) if self.schedule is None else np.asarray(self._mask_list)
         K = mask.shape[1]
         overhead = self.model_flops - self.block_flops.sum()
         cached = K * overhead + float((self.block_flops[:, None] * mask).sum())
         return cached / (K * self.model_flops)
+
+    def measured_flops_ratio(self) -> float:
+        """FLOPs ratio from what actually ran (the computed fraction of every block call, summed over the
+        sessions so far): the ratio for online strategies, whose mask is known only after the fact."""
+        calls = self.computed + self.reused
+        steps = calls.max(0) > 0
+        if not steps.any():
+            raise RuntimeError("no cache session has run yet")
+        frac = np.where(calls > 0, self.computed / np.maximum(calls, 1e-12), 1.0)[:, steps]
+        return self.flops_ratio(frac)
 
     def stats(self) -> dict:
         """Per-block computed/reused counts summed over sessions, and the cache's peak memory."""
@@ -300,6 +345,7 @@ class CacheEngine:
             "computed_fraction": float(self.computed.sum() / total) if total else float("nan"),
             "peak_cache_mb": round(self.peak_cache_bytes / 2**20, 3),
             "sessions": self.n_sessions,
+            **({"strategy": self._strategy.describe(), **self._strategy.stats()} if self._strategy is not None else {}),
         }
 
 

@@ -26,6 +26,8 @@ from bac.blocks import BlockInfo
 from bac.bubbling import block_errors, bubbling_union, top_error_blocks
 
 METHODS = ("none", "uniform", "unified_acs", "blockwise_acs", "bac")
+# masks that bac.profiling builds for the literature's static methods (and the forecasters' masks)
+OTHER_MASKS = ("fora", "delta_dit", "profiling", "ertacache", "taylorseer", "foca", "abcache", "hyca")
 
 
 class ScheduleMismatch(ValueError):
@@ -53,8 +55,8 @@ class Schedule:
     version: str = field(default_factory=_package_version)  # bac.__version__ that made it
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; known: {list(METHODS)}")
+        if self.method not in METHODS + OTHER_MASKS:
+            raise ValueError(f"unknown method {self.method!r}; known: {list(METHODS + OTHER_MASKS)}")
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be an int >= 1, got {self.num_steps!r}")
         if self.metric is not None and self.metric not in METRICS:

@@ -3,6 +3,11 @@
     python eval/bench.py env=robomimic env.task=can
     python eval/bench.py env=robomimic bench.caches=[none,uniform,bac] bench.n_updates=[5,10,20]
     python eval/bench.py env=robomimic bench.caches=[none,bac] bench.n_bubble=[2,3,5]   # BAC's top-n knob
+    python eval/bench.py env=robomimic env.task=can bench=methods   # every literature method at 2-3 budgets
+
+``bench.caches`` entries are cache names (the ablation rows sweep ``bench.n_updates`` and ``bench.n_bubble``; any
+other method runs with its ``configs/cache/<name>.yaml``) or mappings ``{name: teacache, delta: 0.3}`` that
+override a method's knobs (label ``teacache[delta=0.3]``).
 
 For every cache config it times batch-1 ``predict_action`` (median and p95 over ``bench.trials`` rounds;
 in each round every config runs once, so drift in machine load hits all of them alike), reports the
@@ -28,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from bac.metrics import latency_stats  # noqa: E402
 from policies import load_policy  # noqa: E402
-from policies.caching import bench_obs_path, disable_cache, enable_cache, make_schedule  # noqa: E402
+from policies.caching import (SCHEDULE_METHODS, bench_obs_path, disable_cache, enable_cache,  # noqa: E402
+                              make_cache)
 
 
 def load_bench_obs(policy, checkpoint: Path, n: int) -> dict[str, torch.Tensor]:
@@ -50,15 +56,21 @@ def bench(cfg: DictConfig, out_dir: Path) -> list[dict]:
                          scheduler=cfg.policy.scheduler)
     obs = load_bench_obs(policy, checkpoint, int(cfg.bench.n_obs))
     obs = {k: v.to(device) for k, v in obs.items()}
-    configs = []  # (label, cache name, S, schedule)
+    configs = []  # (label, cache name, S, schedule or strategy, knobs)
     bubbles = cfg.bench.n_bubble if OmegaConf.is_list(cfg.bench.n_bubble) else [cfg.bench.n_bubble]
-    for name in cfg.bench.caches:
-        for S in ([None] if name == "none" else cfg.bench.n_updates):
-            for n in (bubbles if name == "bac" else [bubbles[0]]):
-                schedule = make_schedule(policy, checkpoint, name, n_updates=int(S or 0), n_bubble=int(n),
-                                         metric=str(cfg.bench.metric))
-                label = name if S is None else f"{name}@S{S}" + (f"n{n}" if name == "bac" and len(bubbles) > 1 else "")
-                configs.append((label, name, S, schedule))
+    for entry in cfg.bench.caches:
+        if isinstance(entry, str) and entry in SCHEDULE_METHODS:
+            for S in ([None] if entry == "none" else cfg.bench.n_updates):
+                for n in (bubbles if entry == "bac" else [bubbles[0]]):
+                    knobs = {"name": entry, "n_updates": int(S or 0), "n_bubble": int(n), "metric": str(cfg.bench.metric)}
+                    label = entry if S is None else f"{entry}@S{S}" + (f"n{n}" if entry == "bac" and len(bubbles) > 1 else "")
+                    configs.append((label, entry, S, make_cache(policy, checkpoint, knobs), knobs))
+            continue
+        given = {"name": entry} if isinstance(entry, str) else OmegaConf.to_container(entry, resolve=True)
+        knobs = {**method_defaults(str(given["name"])), **given}
+        shown = ",".join(f"{k}={v}" for k, v in given.items() if k != "name")
+        label = given["name"] + (f"[{shown}]" if shown else "")
+        configs.append((label, given["name"], knobs.get("n_updates"), make_cache(policy, checkpoint, knobs), knobs))
 
     def run(o, seed):
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -72,18 +84,20 @@ def bench(cfg: DictConfig, out_dir: Path) -> list[dict]:
     one = [{k: v[i : i + 1] for k, v in obs.items()} for i in range(next(iter(obs.values())).shape[0])]
     reference = [run(o, 1000 + i) for i, o in enumerate(one)]
     rows = {}
-    for label, name, S, schedule in configs:
+    for label, name, S, schedule, knobs in configs:
         engine = enable_cache(policy, schedule) if name != "none" else None
         mse = float(np.mean([(run(o, 1000 + i) - reference[i]).pow(2).mean().item() for i, o in enumerate(one)]))
-        rows[label] = {"cache": name, "n_updates": S, "n_bubble": getattr(schedule, "n_bubble", None),
+        stats = engine.stats() if engine else {}
+        rows[label] = {"cache": name, "knobs": knobs, "n_updates": S, "n_bubble": getattr(schedule, "n_bubble", None),
                        "action_mse": mse, "times": [],
-                       "flops_ratio": engine.flops_ratio() if engine else 1.0,
-                       "computed_fraction": schedule.computed_fraction() if schedule else 1.0}
+                       "flops_ratio": engine.flops_ratio() if engine else 1.0,  # online strategies: what ran
+                       "computed_fraction": stats.get("computed_fraction", 1.0),
+                       "decision_ms_per_step": stats.get("decision_ms_per_step")}
         if engine:
             disable_cache(policy, engine)
     # Latency: interleaved rounds; attach/detach between configs so `none` runs with no engine at all.
     for r in range(int(cfg.bench.warmup) + int(cfg.bench.trials)):
-        for label, name, S, schedule in configs:
+        for label, name, S, schedule, _ in configs:
             engine = enable_cache(policy, schedule, profile=False) if name != "none" else None
             o = one[r % len(one)]
             sync()
@@ -114,13 +128,23 @@ def bench(cfg: DictConfig, out_dir: Path) -> list[dict]:
     return out
 
 
+def method_defaults(name: str) -> dict:
+    """A cache method's knobs from ``configs/cache/<name>.yaml``."""
+    path = ROOT / "configs" / "cache" / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"unknown cache {name!r}; known caches: {known}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
 def print_bench(meta: dict, rows: list[dict]) -> None:
     print(f"{meta['task']}: {meta['scheduler']}-{meta['num_inference_steps']}, {meta['n_layer']} layers x "
           f"{meta['n_emb']}, {meta['trials']} interleaved rounds, {meta['device']}")
-    head = ["config", "p50 ms", "p95 ms", "speedup", "FLOPs ratio", "speedup/ceiling", "action MSE"]
+    head = ["config", "p50 ms", "p95 ms", "speedup", "FLOPs ratio", "speedup/ceiling", "action MSE", "decide ms/step"]
     lines = [head] + [[
         r["config"], f"{r['latency_ms']['p50']:.1f}", f"{r['latency_ms']['p95']:.1f}", f"{r['speedup']:.2f}x",
         f"{r['flops_ratio']:.3f} ({1 / r['flops_ratio']:.1f}x)", f"{r['speedup_vs_flops']:.2f}", f"{r['action_mse']:.2e}",
+        "-" if r.get("decision_ms_per_step") is None else f"{r['decision_ms_per_step']:.3f}",
     ] for r in rows]
     from eval.run import print_columns
 

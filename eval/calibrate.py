@@ -5,7 +5,8 @@
 
 Runs the uncached policy on ``calibrate.n_obs`` observations drawn from the training demos, records each
 block's residual delta at each of the K steps, and writes ``<checkpoint>/calibration/<Scheduler>_K<K>.npz``
-(per-block K x K matrices for every metric, Bubbling Union scores) plus schedule JSONs for the
+(per-block K x K matrices for every metric, Bubbling Union scores), the observations themselves
+(``calib_obs.npz``: TeaCache, HyCa and ERTACache fit on an uncached run over them), plus schedule JSONs for the
 calibrated methods at the budgets in ``calibrate.n_updates`` under ``<checkpoint>/schedules/``.
 """
 from __future__ import annotations
@@ -26,9 +27,9 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from bac.calibration import Calibration  # noqa: E402
-from bac.engine import attach  # noqa: E402
 from policies import load_policy  # noqa: E402
-from policies.caching import bench_obs_path, calibration_path, policy_signature  # noqa: E402
+from policies.caching import (bench_obs_path, calib_obs_path, calibration_path, policy_signature,  # noqa: E402
+                              record_trajectory)
 from policies.data import load_demos  # noqa: E402
 
 SCHEDULE_METHODS = ("unified_acs", "blockwise_acs", "bac")
@@ -50,19 +51,8 @@ def calibration_obs(policy, dataset: Path, n_obs: int, seed: int) -> dict[str, t
 
 def record_features(policy, obs: dict[str, torch.Tensor], seed: int):
     """Run the uncached policy once on the batch; returns (blocks, {name: (K, N, T*D) float32})."""
-    engine = attach(policy.model)  # no schedule: every block computes, and recording keeps each output
-    policy.step_cursor = engine
-    try:
-        with engine.recording() as rec:
-            policy.predict_action(obs, generator=torch.Generator(device=policy.device).manual_seed(seed))
-    finally:
-        engine.detach()
-        policy.step_cursor = None
-    features = {}
-    for name, outs in rec.items():
-        x = torch.stack(outs)  # (K, N, T, D)
-        features[name] = x.reshape(x.shape[0], x.shape[1], -1).numpy()
-    return engine.blocks, features
+    blocks, features, _ = record_trajectory(policy, obs, seed)
+    return blocks, {name: x.reshape(x.shape[0], x.shape[1], -1) for name, x in features.items()}
 
 
 def calibrate(cfg: DictConfig) -> Path:
@@ -81,6 +71,7 @@ def calibrate(cfg: DictConfig) -> Path:
     calib = Calibration.from_features(features, blocks, scheduler=scheduler, model_hash=model_hash, source=source)
     out = calibration_path(ckpt, scheduler, K)
     calib.save(out)
+    np.savez_compressed(calib_obs_path(ckpt), **{k: v.numpy() for k, v in obs.items()})  # for the fitted methods
     held_out = calibration_obs(policy, dataset, int(cfg.calibrate.n_bench_obs), int(cfg.calibrate.seed) + 1)
     np.savez_compressed(bench_obs_path(ckpt), **{k: v.numpy() for k, v in held_out.items()})
     print(f"calibrated {len(blocks)} blocks x {K} steps on {source['n_obs']} observations in {time.time() - t0:.1f} s -> {out}")

@@ -1,6 +1,8 @@
 """Collect ``summary.json`` files of finished runs into one markdown table.
 
     python eval/report.py results/issue --out docs/results.md
+    python eval/report.py methods results/multirun/... --bench docs/results/can/bench_methods --out docs/methods.md \
+        --plot docs/figures/pareto.png     # the caching methods compared: one table, one Pareto plot
 
 Rows are grouped by task and sorted by cache method. Latencies come from separate processes, so they
 are not compared here: speedups against ``cache=none`` are eval/bench.py's job (one process, interleaved).
@@ -84,7 +86,152 @@ def bench_table(dirs: list[Path]) -> str:
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
+IGNORED_KNOBS = ("n_obs", "schedule")  # knobs that do not change what a method computes at run time
+
+
+def cache_key(name: str, knobs: dict | None) -> tuple:
+    """A cache config's identity across eval/run.py summaries and eval/bench.py rows."""
+    knobs = knobs or {}
+    return (name, tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in knobs.items()
+                               if k not in IGNORED_KNOBS + ("name",))))
+
+
+def knob_label(name: str, knobs: dict | None) -> str:
+    """The knobs that set a method's budget, for tables and legends."""
+    keys = {"uniform": ["n_updates"], "bac": ["n_updates", "n_bubble"], "bac_forecast": ["n_updates", "forecaster"],
+            "fora": ["interval"], "delta_dit": ["n_cached_layers", "interval"],
+            "profiling": ["n_always", "interval", "warmup"], "ertacache": ["n_updates"], "teacache": ["delta"],
+            "fbcache": ["threshold"], "bwcache": ["threshold", "max_reuse"], "toca": ["interval", "ratio"],
+            "taylorseer": ["interval", "order"], "foca": ["interval"], "abcache": ["interval", "order"],
+            "hyca": ["interval"]}.get(name, [])
+    knobs = knobs or {}
+    return ", ".join(f"{k}={knobs[k]}" for k in keys if k in knobs) or "-"
+
+
+def bench_rows(dirs: list[Path]) -> dict:
+    """(task, cache key) -> bench row (with the bench's meta) from every bench.json under ``dirs``."""
+    out = {}
+    for path in sorted(p for d in dirs for p in d.rglob("bench.json")):
+        b = json.loads(path.read_text())
+        for r in b["rows"]:
+            knobs = r.get("knobs") or {"name": r["cache"]}
+            out[(b["meta"]["task"], cache_key(r["cache"], knobs if r["cache"] != "none" else {}))] = r | {"_meta": b["meta"]}
+    return out
+
+
+def method_rows(rows: list[dict], bench: dict) -> list[dict]:
+    """Offline rollouts joined with the benchmark row of the same config (speedup, action error)."""
+    out = []
+    for r in rows:
+        if r.get("loop", "offline") != "offline":
+            continue
+        cfg = r.get("cache_config") or {"name": r["cache"]}
+        key = cache_key(r["cache"], cfg if r["cache"] != "none" else {})
+        b = bench.get((r["task"], key), {})
+        out.append({"task": r["task"], "cache": r["cache"], "knobs": knob_label(r["cache"], cfg),
+                    "n": r["n_episodes"], "success": r["success_rate"], "ci": r["success_ci95"],
+                    "flops_ratio": r.get("flops_ratio", 1.0), "speedup": b.get("speedup"),
+                    "action_mse": b.get("action_mse"), "latency_p50": r["latency_ms"]["p50"], "_path": r.get("_path")})
+    return out
+
+
+def methods_table(rows: list[dict]) -> str:
+    """Every method's rollouts next to ``cache=none`` of the same task: success and whether it stays within
+    the uncached 95% interval, FLOPs reduction in the rollouts, benchmark speedup and action error."""
+    if not rows:
+        return ""
+    head = ("| task | method | knobs | episodes | success [95% CI] | within none's CI | FLOPs reduction (rollouts) "
+            "| speedup (bench) | action MSE (bench) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for task in sorted({r["task"] for r in rows}):
+        group = sorted((r for r in rows if r["task"] == task), key=lambda r: (r["cache"] != "none", r["cache"], r["flops_ratio"]))
+        base = next((r for r in group if r["cache"] == "none"), None)
+        for r in group:
+            lo, hi = r["ci"]
+            within = "-" if base is None or r is base else ("yes" if r["success"] >= base["ci"][0] else "no")
+            speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+            mse = "-" if r["action_mse"] is None else f"{r['action_mse']:.2e}"
+            lines.append(
+                f"| {task} | {r['cache']} | {r['knobs']} | {r['n']} | {r['success']:.2f} [{lo:.2f}, {hi:.2f}] | {within} "
+                f"| {1 / r['flops_ratio']:.2f}x | {speedup} | {mse} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(rows: list[dict], out: Path) -> Path:
+    """Success against speedup (benchmark speedup where the config was benchmarked, else FLOPs reduction), one
+    panel per task, the uncached interval shaded and the Pareto front drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 5), squeeze=False)
+    methods = sorted({r["cache"] for r in rows if r["cache"] != "none"})
+    cmap = plt.get_cmap("tab20")
+    markers = "osD^v<>pPhX*"
+    for ax, task in zip(axes[0], tasks):
+        group = [r for r in rows if r["task"] == task]
+        base = next((r for r in group if r["cache"] == "none"), None)
+        if base is not None:
+            ax.axhspan(*base["ci"], color="0.85", zorder=0, label="none: 95% CI")
+            ax.axhline(base["success"], color="0.4", lw=1, zorder=1)
+        pts = []
+        for i, m in enumerate(methods):
+            ms = [r for r in group if r["cache"] == m]
+            if not ms:
+                continue
+            x = [r["speedup"] if r["speedup"] is not None else 1 / r["flops_ratio"] for r in ms]
+            y = [r["success"] for r in ms]
+            ax.scatter(x, y, color=cmap(i % 20), marker=markers[i % len(markers)], s=60, label=m, zorder=3,
+                       edgecolor="k" if m.startswith("bac") else "none")
+            pts += list(zip(x, y))
+        front, best = [], -1.0
+        for x, y in sorted(pts, key=lambda p: -p[0]):
+            if y > best:
+                front.append((x, y))
+                best = y
+        if front:
+            fx, fy = zip(*sorted(front))
+            ax.step(fx, fy, where="post", color="k", lw=1, ls="--", zorder=2, label="Pareto front")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("speedup vs none (bench, batch 1; FLOPs reduction if not benched)")
+        ax.set_ylabel(f"success rate ({base['n'] if base else '?'} episodes)")
+        ax.set_title(task)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def methods_main(argv) -> None:
+    p = argparse.ArgumentParser(prog="report.py methods", description=methods_table.__doc__)
+    p.add_argument("results", nargs="+", help="folders of eval/run.py results (hydra multirun folders)")
+    p.add_argument("--bench", nargs="*", default=[], help="folders with bench.json from eval/bench.py bench=methods")
+    p.add_argument("--out", default=None)
+    p.add_argument("--plot", default=None)
+    a = p.parse_args(argv)
+    rows = method_rows(load([Path(r) for r in a.results]), bench_rows([Path(b) for b in a.bench]))
+    md = methods_table(rows)
+    print(md)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(md)
+    if a.plot:
+        print(f"plot: {pareto_plot(rows, Path(a.plot))}")
+
+
 def main(argv=None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "methods":
+        return methods_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+")
     p.add_argument("--out", default=None)

@@ -31,7 +31,7 @@ from bac.loop import LatencyModel, LoopConfig, Watchdog, run_wallclock, simulate
 from bac.rollout import BatchTiming, EpisodeResult, ObsHistory  # noqa: E402
 from envs import make_env  # noqa: E402
 from policies import load_policy  # noqa: E402
-from policies.caching import enable_cache, make_schedule  # noqa: E402
+from policies.caching import cache_summary, enable_cache, make_cache, make_schedule  # noqa: E402
 
 
 def resolve_path(p: str) -> Path:
@@ -151,11 +151,11 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
 
         budget = pick_budget(cfg, policy, checkpoint, sample_obs)
         cache_name, n_updates = budget["chosen"]["cache"], int(budget["chosen"]["n_updates"])
-    schedule = make_schedule(
-        policy, checkpoint, cache_name, n_updates=n_updates,
-        n_bubble=int(cfg.cache.get("n_bubble", 0)), metric=str(cfg.cache.get("metric", "cosine")),
-        schedule_path=cfg.cache.get("schedule") if budget is None else None,
-    )
+    if budget is None:  # the cache config as given: a schedule, a strategy (bac.strategies) or None
+        schedule = make_cache(policy, checkpoint, OmegaConf.to_container(cfg.cache, resolve=True))
+    else:  # the tuner's pick: a schedule method at the chosen S
+        schedule = make_schedule(policy, checkpoint, cache_name, n_updates=n_updates,
+                                 n_bubble=int(cfg.cache.get("n_bubble", 0)), metric=str(cfg.cache.get("metric", "cosine")))
     engine = enable_cache(policy, schedule) if cache_name != "none" else None
     n_episodes, n_envs = int(cfg.eval.n_episodes), max(1, min(int(cfg.eval.n_envs), int(cfg.eval.n_episodes)))
     seeds = [int(cfg.eval.seed) + i for i in range(n_episodes)]
@@ -218,6 +218,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "task": cfg.env.task,
         "env": cfg.env.name,
         "cache": cache_name,
+        "cache_config": OmegaConf.to_container(cfg.cache, resolve=True) if budget is None else None,
         "loop": loop.mode,
         "clock": str(cfg.loop.clock),
         "n_episodes": n_episodes,
@@ -241,7 +242,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "scheduler": pc.scheduler,
         "num_inference_steps": pc.num_inference_steps,
         "flops_ratio": round(engine.flops_ratio(), 4) if engine else 1.0,
-        "cache_stats": engine.stats() | {"schedule": schedule_summary(schedule)} if engine else None,
+        "cache_stats": engine.stats() | {"schedule": cache_summary(schedule)} if engine else None,
         "budget": budget,
         "device": device_name(device),
         "torch_threads": torch.get_num_threads(),
@@ -277,14 +278,6 @@ def wallclock_episodes(cfg, env_kwargs, seeds, predict, policy, loop: LoopConfig
         results.append(r)
         print(f"[{len(results)}/{len(seeds)}] success so far {sum(x.success for x in results)}/{len(results)}", flush=True)
     return results
-
-
-def schedule_summary(schedule) -> dict:
-    return {
-        "method": schedule.method, "n_updates": schedule.n_updates, "n_bubble": schedule.n_bubble,
-        "metric": schedule.metric, "num_steps": schedule.num_steps,
-        "computed_fraction": round(schedule.computed_fraction(), 4),
-    }
 
 
 def device_name(device: torch.device) -> str:

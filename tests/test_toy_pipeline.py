@@ -8,30 +8,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from hydra import compose, initialize_config_dir
 
 import eval.collect as collect
 import eval.run as run
 import eval.train as train
+from tests.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def toy_checkpoint(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("toy")
-    assert collect.main(["--task", "toy", "--n-demos", "100", "--out", str(d / "toy.hdf5")]) == 0
-    args = train.parse_args([
-        "--dataset", str(d / "toy.hdf5"), "--out", str(d / "ckpt"), "--steps", "2000", "--n-layer", "2",
-        "--n-emb", "64", "--warmup", "100", "--lr", "1e-3", "--p-drop-attn", "0", "--quiet",
-    ])
-    train.train(args)
-    return d / "ckpt"
-
-
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        return compose("config", overrides=list(overrides))
 
 
 def test_trained_toy_policy_succeeds_and_summary_is_valid(toy_checkpoint, tmp_path):
@@ -178,8 +161,7 @@ def test_realtime_loop_reports_misses_and_budget_picks_s(toy_checkpoint, tmp_pat
 def test_deploy_on_the_simulated_robot_logs_every_tick(toy_checkpoint, tmp_path):
     import eval.deploy as deploy
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        cfg = compose("deploy", overrides=["env=toy", f"policy.checkpoint={toy_checkpoint}", "deploy.max_steps=30"])
+    cfg = compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "deploy.max_steps=30", config_name="deploy")
     assert cfg.loop.name == "realtime"
     s = deploy.deploy(cfg, tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "deploy.jsonl").read_text().splitlines()]
