@@ -30,7 +30,7 @@ def _rel_l1(cur: np.ndarray, prev: np.ndarray) -> np.ndarray:
 
 def fit_teacache(first_input: np.ndarray, features: dict[str, np.ndarray], degree: int = 4) -> dict:
     """Fit ``P`` with ``P(rel-L1 of the first block's input) ≈ rel-L1 of the stack residual`` between consecutive
-    steps, over all steps and observations (TeaCache's calibration, Liu et al. 2025, their issue #2).
+    steps, over all steps and observations (TeaCache's calibration as its authors describe it in their issue #2).
     Returns the coefficients (highest power first) and the fit's range and R²."""
     residual = sum(np.asarray(f, dtype=np.float64) for f in features.values())  # (K, N, T, C): Σ block deltas
     x = np.concatenate([_rel_l1(first_input[k], first_input[k - 1]) for k in range(1, len(first_input))])
@@ -44,7 +44,7 @@ def fit_teacache(first_input: np.ndarray, features: dict[str, np.ndarray], degre
 
 def interval_schedule(blocks: Sequence[str], K: int, interval: int, warmup: int = 1, method: str = "fora",
                       **meta) -> Schedule:
-    """All blocks compute at the first ``warmup`` steps and every ``interval`` steps after step 0 (FORA's static
+    """All blocks compute at the first ``warmup`` steps and every ``interval`` steps after step 0 (FORA, arXiv 2407.01425: a static
     interval; TaylorSeer's ``first_enhance`` warm-up)."""
     if interval < 1:
         raise ValueError(f"interval must be >= 1, got {interval}")
@@ -55,7 +55,7 @@ def interval_schedule(blocks: Sequence[str], K: int, interval: int, warmup: int 
 
 def delta_dit_schedule(blocks: Sequence[BlockInfo], K: int, interval: int, n_cached_layers: int,
                        boundary: float = 0.5, **meta) -> Schedule:
-    """Δ-DiT (Chen et al. 2024): before the boundary step ``b = round(boundary K)`` the rear ``n_cached_layers``
+    """Δ-DiT (arXiv 2406.01125): before the boundary step ``b = round(boundary K)`` the rear ``n_cached_layers``
     layers are cached (they shape details, which early steps do not settle), after it the front ones (outlines,
     settled late); a cached span computes every ``interval`` steps (its first step in each stage included)
     and reuses its residual in between. Reusing each block's delta on the current stream is exactly reusing
@@ -82,7 +82,7 @@ def delta_dit_schedule(blocks: Sequence[BlockInfo], K: int, interval: int, n_cac
 
 def profiling_schedule(blocks: Sequence[BlockInfo], errors: Sequence[float], K: int, n_always: int, interval: int,
                        warmup: int, **meta) -> Schedule:
-    """ProfilingDiT (Ma et al., ICCV 2025): the ``n_always`` blocks whose features change most across steps
+    """ProfilingDiT (arXiv 2504.03140, ICCV 2025): the ``n_always`` blocks whose features change most across steps
     (the Bubbling Union's drift score, mean pairwise L1 from calibration) always compute, the others compute
     during the first ``warmup`` steps and then every ``interval`` steps. ProfilingDiT splits blocks by where
     their attention looks (foreground/background); a robot policy's tokens have no such split, so the profile
@@ -97,7 +97,7 @@ def profiling_schedule(blocks: Sequence[BlockInfo], errors: Sequence[float], K: 
 
 
 def erta_schedule(blocks: Sequence[str], features: dict[str, np.ndarray], n_updates: int, **meta) -> Schedule:
-    """ERTACache's offline step selection (Zhang et al., 2025): from the uncached trajectory, the per-step
+    """ERTACache's offline step selection (arXiv 2508.21091): from the uncached trajectory, the per-step
     relative change of the whole stack's residual; a step is computed when the change accumulated since the last
     computed step reaches a threshold, chosen by bisection so that about ``n_updates`` steps compute (first and
     last always). The same steps for every block: ERTACache caches the whole step."""

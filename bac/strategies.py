@@ -127,7 +127,7 @@ class Reuse(Forecaster):
 
 
 class Taylor(Forecaster):
-    """TaylorSeer (Liu et al., ICCV 2025, Eq. 6-8): ``F(k) ≈ Σ_{i≤m} D^i (k - k_last)^i / i!`` where the
+    """TaylorSeer (arXiv 2503.06923, ICCV 2025): ``F(k) ≈ Σ_{i≤m} D^i (k - k_last)^i / i!`` where the
     derivative estimates are recursive divided differences over the computed steps,
     ``D^0 = F(k_last)``, ``D^{i+1} = (D^i(k_last) - D^i(k_prev)) / (k_last - k_prev)``. Only the orders that the
     history supports are used (order 0 = reuse right after the first computed step)."""
@@ -162,7 +162,7 @@ class Taylor(Forecaster):
 
 
 class AdamsBashforth(Forecaster):
-    """AB-Cache (Yu et al., 2025): k-th order Adams-Bashforth over the computed outputs. With slopes
+    """AB-Cache (arXiv 2504.10540): k-th order Adams-Bashforth over the computed outputs. With slopes
     ``g_j = (F_j - F_{j-1}) / (k_j - k_{j-1})`` between consecutive computed steps, the skipped step at distance
     ``s`` is ``F_last + s * Σ_i β_i g_{last-i}`` with the AB weights (1), (3/2, -1/2), (23, -16, 5)/12, ...
     for order 1, 2, 3; lower orders while the history is short."""
@@ -196,7 +196,7 @@ class AdamsBashforth(Forecaster):
 
 
 class FoCa(Forecaster):
-    """FoCa (Zheng et al., 2025, "forecast then calibrate"): the block output as a feature ODE ``dF/dk = g``.
+    """FoCa (arXiv 2508.16211, "forecast then calibrate"): the block output as a feature ODE ``dF/dk = g``.
 
     Predictor: the variable-step BDF2 derivative at the last computed step,
     ``g_2 = ((1+2w) F_2 - (1+w)^2 F_1 + w^2 F_0) / (h_2 (1+w))`` with ``h_i`` the gaps and ``w = h_2 / h_1``.
@@ -233,7 +233,7 @@ class FoCa(Forecaster):
 
 
 class HyCa(Forecaster):
-    """HyCa (2025, hybrid ODE solvers per feature dimension): each block's channels are split into groups by
+    """HyCa (arXiv 2510.04188, hybrid ODE solvers per feature dimension): each block's channels are split into groups by
     their dynamics offline, and each group gets the solver from a pool that forecast it best on calibration
     trajectories (``bac.profiling.fit_hyca``). Online, every solver used by a block forecasts and the channels
     are taken from their group's solver. ``assign[b]``: (C,) solver index per channel of block ``b``."""
@@ -280,7 +280,7 @@ class HyCa(Forecaster):
 
 
 class LinearCorrection(Forecaster):
-    """ERTACache's residual linearisation (Zhang et al., 2025): a skipped step returns the last computed output
+    """ERTACache's residual linearisation (arXiv 2508.21091): a skipped step returns the last computed output
     plus a fitted fraction of the linear trend, ``F_last + α[b, k] (k - k_last) (F_last - F_prev) / gap``, with
     ``α`` per block and step fitted in closed form (least squares) on calibration trajectories
     (``bac.profiling.fit_erta``)."""
@@ -373,7 +373,7 @@ class _Reusing(Strategy):
 
 
 class TeaCache(_Reusing):
-    """TeaCache (Liu et al., CVPR 2025): skip whole steps while the accumulated, rescaled input change is small.
+    """TeaCache (CVPR 2025, ali-vilab/TeaCache): skip whole steps while the accumulated, rescaled input change is small.
 
     Indicator: ``d_k`` = relative L1 change of the stream entering the first block between consecutive steps
     (DP-T conditions on time through cross-attention, so its first block's input is the noisy-action stream
@@ -462,7 +462,7 @@ class FBCache(_Reusing):
 
 
 class BWCache(_Reusing):
-    """BWCache (2025, block-wise caching for video DiTs): per DiT block (here: per layer, its attention,
+    """BWCache (arXiv 2509.13789, block-wise caching for video DiTs): per DiT block (here: per layer, its attention,
     cross-attention and FFN branches together), reuse while the layer's input changed by less than
     ``threshold`` (relative L1) since the step the layer last computed, for at most ``max_reuse`` steps in a
     row. The input is what the layer would see, so the indicator costs no block computation; it costs one
@@ -510,7 +510,7 @@ class BWCache(_Reusing):
 
 
 class ToCa(_Reusing):
-    """ToCa (Zou et al., ICLR 2025, token-wise caching): every ``interval`` steps all blocks compute; in between,
+    """ToCa (arXiv 2410.05317, ICLR 2025, token-wise caching): every ``interval`` steps all blocks compute; in between,
     token-wise blocks (FFNs: each token's output depends on that token alone) recompute the ``ratio`` of tokens
     whose input changed most since their cached output was made, plus a bonus ``freq_weight * age / interval``
     for tokens cached longest (ToCa's cache-frequency score), and reuse the rest; attention blocks reuse.

@@ -279,3 +279,36 @@ def test_run_and_bench_take_a_literature_method(calibrated, tmp_path):
     by = {r["config"]: r for r in rows}
     assert set(by) == {"none", "foca[interval=4]", "fbcache[threshold=0.1]"}
     assert by["fbcache[threshold=0.1]"]["decision_ms_per_step"] > 0 and by["foca[interval=4]"]["flops_ratio"] < 0.5
+    import eval.report as report
+
+    report.main(["methods", str(tmp_path / "run"), "--bench", str(tmp_path / "bench"), "--out", str(tmp_path / "m.md"),
+                 "--plot", str(tmp_path / "p.png")])
+    md = (tmp_path / "m.md").read_text()
+    assert "| toy | teacache | delta=0.3 | 4 |" in md and (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_report_joins_rollouts_with_their_bench_rows():
+    import eval.report as report
+
+    knobs = {"name": "fora", "interval": 3, "warmup": 1}
+    runs = [{"task": "can", "cache": "none", "n_episodes": 50, "success_rate": 0.7, "success_ci95": [0.56, 0.81],
+             "latency_ms": {"p50": 500.0}},
+            {"task": "can", "cache": "fora", "cache_config": knobs | {"n_obs": 8}, "n_episodes": 50,
+             "success_rate": 0.5, "success_ci95": [0.37, 0.63], "flops_ratio": 0.34, "latency_ms": {"p50": 180.0}}]
+    bench = {("can", report.cache_key("fora", knobs)): {"speedup": 2.6, "action_mse": 2e-3}}
+    rows = report.method_rows(runs, bench)
+    md = report.methods_table(rows)
+    assert "| can | fora | interval=3 | 50 | 0.50 [0.37, 0.63] | no | 2.94x | 2.60x | 2.00e-03 |" in md
+    assert "| can | none | - | 50 | 0.70 [0.56, 0.81] | - | 1.00x | - | - |" in md
+
+
+def test_mask_with_plain_reuse_is_the_schedule_path():
+    policy = make_policy()
+    names = [b.name for b in blocks_of(policy)]
+    schedule = profiling.interval_schedule(names, K, 3, method="fora")
+    engine = attach(policy.model, schedule, fuse_layers=False)
+    policy.step_cursor = engine
+    via_mask = act(policy, obs())
+    engine.detach()
+    out, _ = run_with(policy, MaskForecast(schedule, Reuse()))
+    assert torch.equal(out, via_mask)
