@@ -169,14 +169,14 @@ def pareto_plot(rows: list[dict], out: Path) -> Path:
     tasks = sorted({r["task"] for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 5), squeeze=False)
     methods = sorted({r["cache"] for r in rows if r["cache"] != "none"})
-    cmap = plt.get_cmap("tab20")
+    cmap = plt.get_cmap("tab10")
     markers = "osD^v<>pPhX*"
     for ax, task in zip(axes[0], tasks):
         group = [r for r in rows if r["task"] == task]
         base = next((r for r in group if r["cache"] == "none"), None)
         if base is not None:
-            ax.axhspan(*base["ci"], color="0.85", zorder=0, label="none: 95% CI")
-            ax.axhline(base["success"], color="0.4", lw=1, zorder=1)
+            ax.axhspan(*base["ci"], color="0.88", zorder=0, label="none: 95% CI")
+            ax.scatter([1.0], [base["success"]], color="k", marker="*", s=120, zorder=3, label="none")
         pts = []
         for i, m in enumerate(methods):
             ms = [r for r in group if r["cache"] == m]
@@ -184,7 +184,7 @@ def pareto_plot(rows: list[dict], out: Path) -> Path:
                 continue
             x = [r["speedup"] if r["speedup"] is not None else 1 / r["flops_ratio"] for r in ms]
             y = [r["success"] for r in ms]
-            ax.scatter(x, y, color=cmap(i % 20), marker=markers[i % len(markers)], s=60, label=m, zorder=3,
+            ax.scatter(x, y, color=cmap(i % 10), marker=markers[i % len(markers)], s=60, label=m, zorder=3,
                        edgecolor="k" if m.startswith("bac") else "none")
             pts += list(zip(x, y))
         front, best = [], -1.0
@@ -192,10 +192,13 @@ def pareto_plot(rows: list[dict], out: Path) -> Path:
             if y > best:
                 front.append((x, y))
                 best = y
-        if front:
+        if front:  # best success reachable at >= each speedup: a staircase falling to the right
             fx, fy = zip(*sorted(front))
-            ax.step(fx, fy, where="post", color="k", lw=1, ls="--", zorder=2, label="Pareto front")
-        ax.set_xscale("log", base=2)
+            ax.step(fx, fy, where="pre", color="k", lw=1, ls="--", zorder=2, label="Pareto front")
+        ax.set_xscale("log")
+        ticks = [1, 1.5, 2, 3, 4, 6, 8, 12]
+        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("speedup vs none (bench, batch 1; FLOPs reduction if not benched)")
         ax.set_ylabel(f"success rate ({base['n'] if base else '?'} episodes)")
         ax.set_title(task)
