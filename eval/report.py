@@ -144,7 +144,7 @@ def methods_table(rows: list[dict]) -> str:
             "| speedup (bench) | action MSE (bench) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for task in sorted({r["task"] for r in rows}):
-        group = sorted((r for r in rows if r["task"] == task), key=lambda r: (r["cache"] != "none", r["cache"], r["flops_ratio"]))
+        group = sorted((r for r in rows if r["task"] == task), key=lambda r: (r["cache"] != "none", r["cache"], -r["flops_ratio"]))
         base = next((r for r in group if r["cache"] == "none"), None)
         for r in group:
             lo, hi = r["ci"]
