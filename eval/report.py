@@ -221,6 +221,9 @@ def methods_main(argv) -> None:
     a = p.parse_args(argv)
     rows = method_rows(load([Path(r) for r in a.results]), bench_rows([Path(b) for b in a.bench]))
     md = methods_table(rows)
+    bench = bench_table([Path(b) for b in a.bench])
+    if bench:
+        md += "\nBenchmarks (eval/bench.py bench=methods: batch 1, one process, interleaved rounds):\n\n" + bench
     print(md)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
