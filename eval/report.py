@@ -79,8 +79,11 @@ def bench_table(dirs: list[Path]) -> str:
              "| action MSE | device |", "|---|---|---|---|---|---|---|---|"]
     for path in sorted(p for d in dirs for p in d.rglob("bench.json")):
         b = json.loads(path.read_text())
+        m = b["meta"]
+        sampler = f"{m.get('scheduler')}-{m.get('num_inference_steps')}"
+        task = m["task"] if sampler in ("ddpm-100", "None-None") else f"{m['task']} ({sampler})"
         for r in b["rows"]:
-            lines.append(f"| {b['meta']['task']} | {r['config']} | {r['latency_ms']['p50']:.0f} / "
+            lines.append(f"| {task} | {r['config']} | {r['latency_ms']['p50']:.0f} / "
                          f"{r['latency_ms']['p95']:.0f} | {r['speedup']:.2f}x | {r['flops_ratio']:.3f} "
                          f"| {r['speedup_vs_flops']:.2f} | {r['action_mse']:.2e} | {r['device']} |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
