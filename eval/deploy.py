@@ -29,14 +29,14 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from bac.loop import Watchdog, run_wallclock  # noqa: E402
 from envs import make_env  # noqa: E402
 from policies import load_policy  # noqa: E402
-from policies.caching import enable_cache, make_schedule  # noqa: E402
+from policies.caching import enable_cache  # noqa: E402
 
 ROBOTS = ("sim",)
 
 
 def deploy(cfg: DictConfig, out_dir: Path) -> dict:
-    from eval.run import (check_env_matches_policy, chunk_predictor, device_name, loop_config, pick_device,
-                          probe_obs, resolve_path)
+    from eval.run import (build_cache, check_env_matches_policy, chunk_predictor, device_name, loop_config,
+                          pick_device, probe_obs, resolve_path)
 
     torch.set_num_threads(int(cfg.threads))
     if cfg.deploy.robot not in ROBOTS:
@@ -55,15 +55,7 @@ def deploy(cfg: DictConfig, out_dir: Path) -> dict:
         loop, n_chunk = loop_config(cfg, env, policy)
         if loop.mode != "realtime":
             raise ValueError("deployment runs on the wall clock: use loop=realtime")
-        cache_name, n_updates = str(cfg.cache.name), int(cfg.cache.get("n_updates", 10))
-        if cfg.loop.budget_ms is not None:
-            from eval.tune import pick_budget
-
-            chosen = pick_budget(cfg, policy, checkpoint, probe_obs(env, policy, int(cfg.deploy.seed)))["chosen"]
-            cache_name, n_updates = chosen["cache"], int(chosen["n_updates"])
-        schedule = make_schedule(policy, checkpoint, cache_name, n_updates=n_updates,
-                                 n_bubble=int(cfg.cache.get("n_bubble", 5)), metric=str(cfg.cache.get("metric", "cosine")),
-                                 schedule_path=cfg.cache.get("schedule") if cfg.loop.budget_ms is None else None)
+        cache_name, schedule, _ = build_cache(cfg, policy, checkpoint, probe_obs(env, policy, int(cfg.deploy.seed)))
         if cache_name != "none":
             enable_cache(policy, schedule, profile=False)
         predict = chunk_predictor(policy, n_chunk, int(cfg.deploy.seed))

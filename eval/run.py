@@ -95,6 +95,20 @@ def loop_config(cfg: DictConfig, env, policy) -> tuple[LoopConfig, int]:
     return config, n_chunk
 
 
+def build_cache(cfg: DictConfig, policy, checkpoint: Path, sample_obs) -> tuple[str, object, dict | None]:
+    """(cache name, schedule or strategy or None, the budget pick or None) for ``cfg.cache``; with
+    ``loop.budget_ms`` the tuner picks a schedule method and S for the latency budget instead."""
+    if cfg.loop.budget_ms is None:  # the cache config as given: a schedule, a strategy (bac.strategies) or None
+        return str(cfg.cache.name), make_cache(policy, checkpoint, OmegaConf.to_container(cfg.cache, resolve=True)), None
+    from eval.tune import pick_budget
+
+    budget = pick_budget(cfg, policy, checkpoint, sample_obs)
+    name, n_updates = budget["chosen"]["cache"], int(budget["chosen"]["n_updates"])
+    schedule = make_schedule(policy, checkpoint, name, n_updates=n_updates, n_bubble=int(cfg.cache.get("n_bubble", 0)),
+                             metric=str(cfg.cache.get("metric", "cosine")))
+    return name, schedule, budget
+
+
 def chunk_predictor(policy, n_chunk: int, seed: int):
     """``predict(obs numpy) -> (B, n_chunk, Da)``: the predicted actions from the current observation's step on."""
     gen = torch.Generator(device=policy.device).manual_seed(seed)
@@ -145,17 +159,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         sample_obs = probe_obs(probe_env, policy, int(cfg.eval.seed))
     finally:
         probe_env.close()
-    cache_name, n_updates, budget = str(cfg.cache.name), int(cfg.cache.get("n_updates", 10)), None
-    if cfg.loop.budget_ms is not None:
-        from eval.tune import pick_budget
-
-        budget = pick_budget(cfg, policy, checkpoint, sample_obs)
-        cache_name, n_updates = budget["chosen"]["cache"], int(budget["chosen"]["n_updates"])
-    if budget is None:  # the cache config as given: a schedule, a strategy (bac.strategies) or None
-        schedule = make_cache(policy, checkpoint, OmegaConf.to_container(cfg.cache, resolve=True))
-    else:  # the tuner's pick: a schedule method at the chosen S
-        schedule = make_schedule(policy, checkpoint, cache_name, n_updates=n_updates,
-                                 n_bubble=int(cfg.cache.get("n_bubble", 0)), metric=str(cfg.cache.get("metric", "cosine")))
+    cache_name, schedule, budget = build_cache(cfg, policy, checkpoint, sample_obs)
     engine = enable_cache(policy, schedule) if cache_name != "none" else None
     n_episodes, n_envs = int(cfg.eval.n_episodes), max(1, min(int(cfg.eval.n_envs), int(cfg.eval.n_episodes)))
     seeds = [int(cfg.eval.seed) + i for i in range(n_episodes)]
