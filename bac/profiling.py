@@ -100,7 +100,9 @@ def erta_schedule(blocks: Sequence[str], features: dict[str, np.ndarray], n_upda
     """ERTACache's offline step selection (arXiv 2508.21091): from the uncached trajectory, the per-step
     relative change of the whole stack's residual; a step is computed when the change accumulated since the last
     computed step reaches a threshold, chosen by bisection so that about ``n_updates`` steps compute (first and
-    last always). The same steps for every block: ERTACache caches the whole step."""
+    last always). The same steps for every block: ERTACache caches the whole step. Its third part, a
+    trajectory-aware adjustment of the timestep on cached steps, changes the sampler's grid, which a cache
+    engine attached to the denoiser does not own; it is left out."""
     residual = sum(np.asarray(f, dtype=np.float64) for f in features.values())
     K = residual.shape[0]
     drift = np.array([0.0] + [float(_rel_l1(residual[k], residual[k - 1]).mean()) for k in range(1, K)])
