@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from bac.loop import Watchdog, run_wallclock  # noqa: E402
 from envs import make_env  # noqa: E402
 from policies import load_policy  # noqa: E402
-from policies.caching import enable_cache  # noqa: E402
+from policies.caching import cache_summary, enable_cache  # noqa: E402
 
 ROBOTS = ("sim",)
 
@@ -75,7 +75,7 @@ def deploy(cfg: DictConfig, out_dir: Path) -> dict:
             )
     finally:
         env.close()
-    summary = {"task": cfg.env.task, "cache": cache_name, "n_updates": n_updates if cache_name != "none" else None,
+    summary = {"task": cfg.env.task, "cache": cache_name, "schedule": cache_summary(schedule),
                "robot": str(cfg.deploy.robot), "success": robot.success, **summary,
                "latency_ms": {k: round(float(np.percentile(summary["latencies_ms"], q)), 2)
                               for k, q in (("p50", 50), ("p95", 95), ("p99", 99))} if summary["latencies_ms"] else None,

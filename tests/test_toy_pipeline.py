@@ -158,10 +158,12 @@ def test_realtime_loop_reports_misses_and_budget_picks_s(toy_checkpoint, tmp_pat
     assert loose["budget"]["chosen"]["meets_budget"] is True and loose["cache"] == "none"
 
 
-def test_deploy_on_the_simulated_robot_logs_every_tick(toy_checkpoint, tmp_path):
+@pytest.mark.parametrize("cache", [[], ["cache=fbcache", "cache.threshold=0.5"]], ids=["none", "fbcache"])
+def test_deploy_on_the_simulated_robot_logs_every_tick(toy_checkpoint, tmp_path, cache):
     import eval.deploy as deploy
 
-    cfg = compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "deploy.max_steps=30", config_name="deploy")
+    cfg = compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "deploy.max_steps=30", *cache,
+                      config_name="deploy")
     assert cfg.loop.name == "realtime"
     s = deploy.deploy(cfg, tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "deploy.jsonl").read_text().splitlines()]
