@@ -1,6 +1,6 @@
 """The literature's caching methods as strategies of the one cache engine.
 
-A method is three choices (../shared research vocabulary): *where* (which features: a block, a layer's blocks,
+A method is three choices, in the vocabulary of the caching literature: *where* (which features: a block, a layer's blocks,
 the whole stack, some tokens, some channels), *when* (which steps recompute: a static mask, an online
 indicator against a threshold) and *how* (what a skipped block returns: its last output, or a forecast from its
 computed history). The engine owns the wrappers, the step cursor and the statistics; a strategy only answers,
