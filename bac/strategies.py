@@ -1,10 +1,10 @@
 """The literature's caching methods as strategies of the one cache engine.
 
-A method is three choices, in the vocabulary of the caching literature: *where* (which features: a block, a layer's blocks,
-the whole stack, some tokens, some channels), *when* (which steps recompute: a static mask, an online
-indicator against a threshold) and *how* (what a skipped block returns: its last output, or a forecast from its
-computed history). The engine owns the wrappers, the step cursor and the statistics; a strategy only answers,
-for block ``b`` at step ``k``, "run it or not, and what to return" through :meth:`Strategy.block`.
+A method is three choices, in the vocabulary of the caching literature: *where* (which features: a block, a
+layer's blocks, the whole stack, some tokens, some channels), *when* (which steps recompute: a static mask, an
+online indicator against a threshold) and *how* (what a skipped block returns: its last output, or a forecast
+from its computed history). The engine owns the wrappers, the step cursor and the statistics; a strategy only
+answers, for block ``b`` at step ``k``, "run it or not, and what to return" through :meth:`Strategy.block`.
 
 Methods whose *when* is a static per-block mask and whose *how* is plain reuse (uniform/FORA, Δ-DiT, ProfilingDiT,
 the ACS rows and BAC) are not strategies at all: they are ``bac.schedule.Schedule`` masks on the engine's fast
