@@ -112,13 +112,16 @@ def knob_label(name: str, knobs: dict | None) -> str:
 
 
 def bench_rows(dirs: list[Path]) -> dict:
-    """(task, cache key) -> bench row (with the bench's meta) from every bench.json under ``dirs``."""
+    """(task, sampler, cache key) -> bench row (with the bench's meta) from every bench.json under ``dirs``;
+    the sampler is e.g. ``ddpm-100``."""
     out = {}
     for path in sorted(p for d in dirs for p in d.rglob("bench.json")):
         b = json.loads(path.read_text())
+        sampler = f"{b['meta'].get('scheduler')}-{b['meta'].get('num_inference_steps')}"
         for r in b["rows"]:
             knobs = r.get("knobs") or {"name": r["cache"]}
-            out[(b["meta"]["task"], cache_key(r["cache"], knobs if r["cache"] != "none" else {}))] = r | {"_meta": b["meta"]}
+            key = cache_key(r["cache"], knobs if r["cache"] != "none" else {})
+            out[(b["meta"]["task"], sampler, key)] = r | {"_meta": b["meta"]}
     return out
 
 
@@ -130,7 +133,7 @@ def method_rows(rows: list[dict], bench: dict) -> list[dict]:
             continue
         cfg = r.get("cache_config") or {"name": r["cache"]}
         key = cache_key(r["cache"], cfg if r["cache"] != "none" else {})
-        b = bench.get((r["task"], key), {})
+        b = bench.get((r["task"], f"{r.get('scheduler')}-{r.get('num_inference_steps')}", key), {})
         out.append({"task": r["task"], "cache": r["cache"], "knobs": knob_label(r["cache"], cfg),
                     "n": r["n_episodes"], "success": r["success_rate"], "ci": r["success_ci95"],
                     "flops_ratio": r.get("flops_ratio", 1.0), "speedup": b.get("speedup"),

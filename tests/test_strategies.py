@@ -295,7 +295,10 @@ def test_report_joins_rollouts_with_their_bench_rows():
              "latency_ms": {"p50": 500.0}},
             {"task": "can", "cache": "fora", "cache_config": knobs | {"n_obs": 8}, "n_episodes": 50,
              "success_rate": 0.5, "success_ci95": [0.37, 0.63], "flops_ratio": 0.34, "latency_ms": {"p50": 180.0}}]
-    bench = {("can", report.cache_key("fora", knobs)): {"speedup": 2.6, "action_mse": 2e-3}}
+    for r in runs:
+        r.update(scheduler="ddpm", num_inference_steps=100)
+    bench = {("can", "ddpm-100", report.cache_key("fora", knobs)): {"speedup": 2.6, "action_mse": 2e-3},
+             ("can", "ddim-10", report.cache_key("fora", knobs)): {"speedup": 9.9, "action_mse": 1.0}}
     rows = report.method_rows(runs, bench)
     md = report.methods_table(rows)
     assert "| can | fora | interval=3 | 50 | 0.50 [0.37, 0.63] | no | 2.94x | 2.60x | 2.00e-03 |" in md
