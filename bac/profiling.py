@@ -20,19 +20,24 @@ import torch
 
 from bac.blocks import BlockInfo
 from bac.schedule import Schedule
-from bac.strategies import Forecaster
+from bac.strategies import Forecaster, rel_l1
 
 
 def _rel_l1(cur: np.ndarray, prev: np.ndarray) -> np.ndarray:
-    axes = tuple(range(1, cur.ndim))
-    return np.abs(cur - prev).mean(axes) / np.maximum(np.abs(prev).mean(axes), 1e-12)
+    """``bac.strategies.rel_l1`` (per-sample relative L1 change) on numpy arrays."""
+    return rel_l1(torch.from_numpy(np.asarray(cur)), torch.from_numpy(np.asarray(prev))).numpy()
+
+
+def stack_residual(features: dict[str, np.ndarray]) -> np.ndarray:
+    """The whole stack's residual at every step: the sum of every block's delta, (K, N, T, C) float64."""
+    return sum(np.asarray(f, dtype=np.float64) for f in features.values())
 
 
 def fit_teacache(first_input: np.ndarray, features: dict[str, np.ndarray], degree: int = 4) -> dict:
     """Fit ``P`` with ``P(rel-L1 of the first block's input) ≈ rel-L1 of the stack residual`` between consecutive
     steps, over all steps and observations (TeaCache's calibration as its authors describe it in their issue #2).
     Returns the coefficients (highest power first) and the fit's range and R²."""
-    residual = sum(np.asarray(f, dtype=np.float64) for f in features.values())  # (K, N, T, C): Σ block deltas
+    residual = stack_residual(features)
     x = np.concatenate([_rel_l1(first_input[k], first_input[k - 1]) for k in range(1, len(first_input))])
     y = np.concatenate([_rel_l1(residual[k], residual[k - 1]) for k in range(1, len(residual))])
     coeffs = np.polyfit(x, y, degree)
@@ -103,7 +108,7 @@ def erta_schedule(blocks: Sequence[str], features: dict[str, np.ndarray], n_upda
     last always). The same steps for every block: ERTACache caches the whole step. Its third part, a
     trajectory-aware adjustment of the timestep on cached steps, changes the sampler's grid, which a cache
     engine attached to the denoiser does not own; it is left out."""
-    residual = sum(np.asarray(f, dtype=np.float64) for f in features.values())
+    residual = stack_residual(features)
     K = residual.shape[0]
     drift = np.array([0.0] + [float(_rel_l1(residual[k], residual[k - 1]).mean()) for k in range(1, K)])
 

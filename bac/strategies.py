@@ -244,7 +244,8 @@ class HyCa(Forecaster):
         self.pool = list(pool)
         self.assign = [torch.as_tensor(np.asarray(a), dtype=torch.long) for a in assign]
         self.order = max(f.order for f in self.pool)
-        self._masks: dict = {}  # (block, solver, device) -> channel mask; (block, -1, None) -> groups
+        # per block: (solver, channel mask) of every solver it uses; the first one is the base of the forecast
+        self.groups = [[(s, a == s) for s in torch.unique(a).tolist()] for a in self.assign]
 
     def reset(self, n_blocks: int) -> None:
         if len(self.assign) != n_blocks:
@@ -257,21 +258,14 @@ class HyCa(Forecaster):
             f.push(b, k, F)
 
     def predict(self, b: int, k: int) -> torch.Tensor:
-        out = None
-        for s, m in self._groups(b):
-            pred = self.pool[s].predict(b, k)
-            if out is None:
-                out = pred
-            else:
-                m = self._masks.setdefault((b, s, pred.device), m.to(pred.device))
-                out = torch.where(m, pred, out)
+        (s0, _), *rest = self.groups[b]
+        out = self.pool[s0].predict(b, k)
+        for s, m in rest:
+            if m.device != out.device:  # once per block and device
+                m = m.to(out.device)
+                self.groups[b] = [(t, m if t == s else mt) for t, mt in self.groups[b]]
+            out = torch.where(m, self.pool[s].predict(b, k), out)
         return out
-
-    def _groups(self, b: int) -> list[tuple[int, torch.Tensor]]:
-        if (b, -1, None) not in self._masks:
-            a = self.assign[b]
-            self._masks[(b, -1, None)] = [(s, a == s) for s in torch.unique(a).tolist()]
-        return self._masks[(b, -1, None)]
 
     def describe(self) -> dict:
         counts = np.bincount(np.concatenate([a.numpy() for a in self.assign]), minlength=len(self.pool))

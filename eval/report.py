@@ -28,6 +28,16 @@ def _order(r: dict):
             (r.get("cache_stats") or {}).get("schedule", {}).get("n_updates") or 0)
 
 
+def _head(head: str) -> list[str]:
+    """A markdown table's header and separator lines."""
+    return [head, "|" + "---|" * (head.count("|") - 1)]
+
+
+def _by_task(rows: list[dict], key) -> list[tuple[str, list[dict]]]:
+    """Rows grouped by task (sorted), each group sorted by ``key``."""
+    return [(task, sorted((r for r in rows if r["task"] == task), key=key)) for task in sorted({r["task"] for r in rows})]
+
+
 def realtime_table(rows: list[dict]) -> str:
     """Realtime-loop runs: success next to what the loop did (misses, stale actions, action age)."""
     rows = [r for r in rows if r.get("loop") == "realtime"]
@@ -35,9 +45,9 @@ def realtime_table(rows: list[dict]) -> str:
         return ""
     head = ("| task | cache | S | n | queued | episodes | success [95% CI] | latency p50 / p95 / p99 ms | control Hz "
             "| misses / episode | stale dropped / episode | action age ms | FLOPs ratio |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for task in sorted({r["task"] for r in rows}):
-        for r in sorted((r for r in rows if r["task"] == task), key=lambda r: (_order(r), r["loop_config"]["chunk_actions"])):
+    lines = _head(head)
+    for task, group in _by_task(rows, lambda r: (_order(r), r["loop_config"]["chunk_actions"])):
+        for r in group:
             sched = (r.get("cache_stats") or {}).get("schedule", {})
             lo, hi = r["success_ci95"]
             lat, n = r["latency_ms"], r["n_episodes"]
@@ -57,10 +67,8 @@ def table(rows: list[dict]) -> str:
         return ""
     head = ("| task | cache | S | n | episodes | success [95% CI] | latency p50 / p95 ms | inference Hz "
             "| control Hz | FLOPs ratio | device |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for task in sorted({r["task"] for r in rows}):
-        group = [r for r in rows if r["task"] == task]
-        group.sort(key=_order)
+    lines = _head(head)
+    for task, group in _by_task(rows, _order):
         for r in group:
             sched = (r.get("cache_stats") or {}).get("schedule", {})
             lo, hi = r["success_ci95"]
@@ -137,7 +145,7 @@ def method_rows(rows: list[dict], bench: dict) -> list[dict]:
         out.append({"task": r["task"], "cache": r["cache"], "knobs": knob_label(r["cache"], cfg),
                     "n": r["n_episodes"], "success": r["success_rate"], "ci": r["success_ci95"],
                     "flops_ratio": r.get("flops_ratio", 1.0), "speedup": b.get("speedup"),
-                    "action_mse": b.get("action_mse"), "latency_p50": r["latency_ms"]["p50"], "_path": r.get("_path")})
+                    "action_mse": b.get("action_mse")})
     return out
 
 
@@ -148,9 +156,8 @@ def methods_table(rows: list[dict]) -> str:
         return ""
     head = ("| task | method | knobs | episodes | success [95% CI] | within none's CI | FLOPs reduction (rollouts) "
             "| speedup (bench) | action MSE (bench) |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for task in sorted({r["task"] for r in rows}):
-        group = sorted((r for r in rows if r["task"] == task), key=lambda r: (r["cache"] != "none", r["cache"], -r["flops_ratio"]))
+    lines = _head(head)
+    for task, group in _by_task(rows, lambda r: (r["cache"] != "none", r["cache"], -r["flops_ratio"])):
         base = next((r for r in group if r["cache"] == "none"), None)
         for r in group:
             lo, hi = r["ci"]

@@ -200,8 +200,10 @@ def make_cache(policy, checkpoint: str | Path, cfg) -> Schedule | Strategy | Non
     if name == "hyca":
         pool = [make_forecaster(p["name"], int(p.get("order", 1))) for p in cfg.get("pool")]
         mask = interval_mask("hyca")
-        assign, _ = profiling.fit_hyca(features, mask, pool, names, int(cfg.get("n_groups", 8)))
-        return MaskForecast(mask, HyCa(pool, assign), name=name)
+        assign, fit = profiling.fit_hyca(features, mask, pool, names, int(cfg.get("n_groups", 8)))
+        strategy = MaskForecast(mask, HyCa(pool, assign), name=name)
+        strategy.fit = fit
+        return strategy
     raise AssertionError(name)
 
 
