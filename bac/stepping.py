@@ -108,7 +108,7 @@ def _agrees_with(scheduler, step: FastStep) -> bool:
     x, eps = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 3, generator=g)
     K = len(scheduler.timesteps)
     for k in sorted({0, K // 2, K - 1}):
-        t = scheduler.timesteps[k]
+        t = int(scheduler.timesteps[k])  # a plain int: the check runs on the CPU whatever device the timesteps are on
         ref = scheduler.step(eps, t, x, generator=torch.Generator().manual_seed(k)).prev_sample
         ours = step(eps, k, x, torch.Generator().manual_seed(k))
         if not torch.allclose(ref, ours, rtol=1e-5, atol=1e-6):

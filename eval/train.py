@@ -40,8 +40,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         decay = 0.0 if step <= 0 else min(self.max_decay, 1 - (1 + step) ** -self.power)
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        ema_params = list(self.model.parameters())
+        torch._foreach_mul_(ema_params, decay)  # one fused kernel per dtype/device instead of one per tensor
+        torch._foreach_add_(ema_params, [p.detach() for p in model.parameters()], alpha=1 - decay)
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
             ema_b.copy_(b)
 
@@ -58,6 +59,16 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
     if step < warmup:
         return base_lr * (step + 1) / warmup
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def steps_for_budget(budget_s: float, spent_s: float, probe_steps: int, probe_s: float, done: int, cap: int) -> int:
+    """Total steps that end training within ``budget_s``, from the rate measured over ``probe_steps`` steps.
+
+    Keeps 5% of the remaining time for saving; never fewer steps than are already done, never more than ``cap``.
+    """
+    rate = probe_steps / max(probe_s, 1e-9)
+    more = int(0.95 * max(0.0, budget_s - spent_s) * rate)
+    return max(done, min(cap, done + more))
 
 
 def build_policy(args, obs_keys: list[str], obs_dims: list[int], action_dim: int) -> DiffusionTransformerPolicy:
@@ -110,6 +121,11 @@ def init_weights(policy: DiffusionTransformerPolicy, directory: str | Path) -> d
 
 def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
+    from eval.run import pick_device
+
+    device = pick_device(args.device)
+    if args.time_budget_s is not None and args.time_budget_s <= 0:
+        raise ValueError(f"--time-budget-s must be positive, got {args.time_budget_s}")
     out = Path(args.out)
     state_path = out / "train_state.pt"
     if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
@@ -121,17 +137,20 @@ def train(args: argparse.Namespace) -> Path:
     all_obs = np.concatenate([d["obs"] for d in demos])
     all_act = np.concatenate([d["actions"] for d in demos])
     normalizer = Normalizer.fit({"obs": all_obs, "action": all_act})
-    nobs = normalizer.normalize("obs", torch.from_numpy(obs_w))  # (N, To, Do)
-    nact = normalizer.normalize("action", torch.from_numpy(act_w))  # (N, T, Da)
+    nobs = normalizer.normalize("obs", torch.from_numpy(obs_w)).to(device)  # (N, To, Do)
+    nact = normalizer.normalize("action", torch.from_numpy(act_w)).to(device)  # (N, T, Da)
 
     torch.manual_seed(args.seed)
     policy = build_policy(args, obs_keys, obs_dims_of(dataset, obs_keys), act_w.shape[-1])
     policy.set_normalizer(normalizer)
     init_record = init_weights(policy, args.init_from) if args.init_from and not (args.resume and state_path.exists()) else None
+    policy.to(device)
     ema = EMA(policy)
-    opt = torch.optim.AdamW(optimizer_groups(policy.model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(optimizer_groups(policy.model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), **fused)
     gen = torch.Generator().manual_seed(args.seed)
-    step, losses, curve, elapsed = 0, [], [], 0.0
+    step, curve, elapsed = 0, [], 0.0
+    total_steps = args.steps  # lowered once by --time-budget-s after the probe (a resume probes its own budget)
     if args.resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         policy.load_state_dict(state["policy"])
@@ -158,14 +177,17 @@ def train(args: argparse.Namespace) -> Path:
         "lr": args.lr,
         "seed": args.seed,
         "torch": torch.__version__,
+        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
     }
+    if args.time_budget_s is not None:
+        record["time_budget_s"] = args.time_budget_s
     if init_record is not None:
         record["init_from"] = init_record
     elif args.resume and previous.exists() and "init_from" in json.loads(previous.read_text()):
         record["init_from"] = json.loads(previous.read_text())["init_from"]
 
     def save() -> None:
-        rec = dict(record, steps=step, wall_time_s=round(elapsed, 1), loss_curve=curve, final_loss=curve[-1][1] if curve else None)
+        rec = dict(record, steps=step, total_steps=total_steps, wall_time_s=round(elapsed, 1), loss_curve=curve, final_loss=curve[-1][1] if curve else None)
         save_policy(ema.model, out, rec)
         torch.save(
             {
@@ -183,27 +205,50 @@ def train(args: argparse.Namespace) -> Path:
         os.replace(state_path.with_suffix(".tmp"), state_path)
 
     policy.train()
-    bar = tqdm(total=args.steps, initial=step, desc=f"train {out.name}", disable=args.quiet, mininterval=2.0)
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {out.name}", disable=args.quiet, mininterval=2.0)
     t_last = time.time()
-    while step < args.steps:
+    # The budget is resolved from the rate over steps [start + 20, start + probe): the first steps pay for
+    # allocation and kernel selection. Warm-up must outlast the probe so the cosine schedule is set before it bends.
+    probe = min(200, max(40, args.warmup)) if args.time_budget_s is not None else None
+    start, probe_t0, spent_at_start = step, None, elapsed
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+    n_sum = 0
+    while step < total_steps:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        idx = torch.randint(0, len(nact), (args.batch_size,), generator=gen)
+            g["lr"] = lr_at(step, total_steps, args.lr, args.warmup)
+        idx = torch.randint(0, len(nact), (args.batch_size,), generator=gen).to(device, non_blocking=True)
         loss = policy.compute_loss(nobs[idx], nact[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         ema.update(policy, step)
-        losses.append(loss.item())
+        loss_sum += loss.detach()
+        n_sum += 1
         step += 1
         now = time.time()
         elapsed += now - t_last
         t_last = now
-        if step % 100 == 0 or step == args.steps:
-            curve.append([step, float(np.mean(losses[-100:]))])
+        if probe is not None and step in (start + 20, start + probe):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # time what the device did, not what was queued
+            now = time.time()
+            if step == start + 20:
+                probe_t0 = now
+            elif step == start + probe:
+                total_steps = steps_for_budget(args.time_budget_s, elapsed - spent_at_start, probe - 20, now - probe_t0, step, args.steps)
+                bar.total = total_steps
+                bar.write(f"--time-budget-s {args.time_budget_s:g}: {(probe - 20) / (now - probe_t0):.1f} steps/s -> {total_steps} steps")
+                probe = None
+        if args.time_budget_s is not None and elapsed - spent_at_start > args.time_budget_s and step < total_steps:
+            bar.write(f"--time-budget-s {args.time_budget_s:g} spent at step {step} of {total_steps}; saving")
+            total_steps = step
+        if step % 100 == 0 or step == total_steps:
+            curve.append([step, float(loss_sum.item() / n_sum)])
+            loss_sum.zero_()
+            n_sum = 0
             bar.set_postfix(loss=f"{curve[-1][1]:.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
         bar.update(1)
-        if step % args.save_every == 0 or step == args.steps:
+        if step % args.save_every == 0 or step == total_steps:
             save()
     bar.close()
     return out
@@ -228,6 +273,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--p-drop-attn", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads; keep 1 when anything else runs")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda when torch sees one)")
+    p.add_argument(
+        "--time-budget-s", type=float, default=None,
+        help="train for about this many seconds: the step rate over the first steps sets the total (at most --steps), "
+        "so the cosine schedule ends when the time does",
+    )
     p.add_argument("--save-every", type=int, default=1000)
     p.add_argument("--init-from", default=None, help="checkpoint folder whose weights start this run (same architecture)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")

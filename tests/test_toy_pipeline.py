@@ -87,6 +87,26 @@ def test_train_refuses_to_clobber_and_resumes(toy_checkpoint, tmp_path):
     assert np.isfinite(record["final_loss"])
 
 
+def test_train_time_budget_sets_the_schedule_and_stops(toy_checkpoint, tmp_path):
+    data = toy_checkpoint.parent / "toy.hdf5"
+    base = ["--dataset", str(data), "--n-layer", "1", "--n-emb", "16", "--quiet", "--warmup", "50"]
+    # A budget far below the step cap: the probe lowers the total and the run ends exactly there.
+    train.train(train.parse_args(base + ["--out", str(tmp_path / "a"), "--steps", "10000000", "--time-budget-s", "2"]))
+    record = json.loads((tmp_path / "a" / "train_record.json").read_text())
+    assert 50 <= record["steps"] == record["total_steps"] < 10000000 and record["time_budget_s"] == 2
+    # A budget that the cap reaches first changes nothing.
+    train.train(train.parse_args(base + ["--out", str(tmp_path / "b"), "--steps", "60", "--time-budget-s", "600"]))
+    assert json.loads((tmp_path / "b" / "train_record.json").read_text())["steps"] == 60
+    assert train.steps_for_budget(10, 0, 100, 1.0, 200, 10**9) == 200 + 950
+    assert train.steps_for_budget(10, 12, 100, 1.0, 200, 10**9) == 200  # already over: stop where it is
+    with pytest.raises(ValueError, match="time-budget-s must be positive"):
+        train.train(train.parse_args(base + ["--out", str(tmp_path / "c"), "--time-budget-s", "0"]))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            train.train(train.parse_args(base + ["--out", str(tmp_path / "d"), "--device", "cuda"]))
+        assert not (tmp_path / "d").exists()
+
+
 def test_train_init_from_starts_at_the_source_weights(toy_checkpoint, tmp_path):
     data = toy_checkpoint.parent / "toy.hdf5"
     arch = ["--n-layer", "2", "--n-emb", "64"]
