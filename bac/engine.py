@@ -143,8 +143,9 @@ class CacheEngine:
             fused = s.fused[li]
             if fused is None:
                 fused = s.fused[li] = torch.stack([s.cache[b] for b in idxs]).sum(0)
+            k = s.k
             for b in idxs:
-                self.reused[b, s.k] += 1
+                self._reused[b][k] += 1
             return x + fused
 
         return layer_wrapper
@@ -174,17 +175,17 @@ class CacheEngine:
             k = s.k
             if self._strategy is not None:
                 out, frac = self._strategy.block(b, k, original, args, kwargs)
-                self.computed[b, k] += frac
-                self.reused[b, k] += 1.0 - frac
+                self._computed[b][k] += frac
+                self._reused[b][k] += 1.0 - frac
                 if self._record is not None and frac > 0:
                     self._record[self.blocks[b].name].append(out.detach().float().cpu())
                 return out
             cached = s.cache[b]
             if cached is not None and s.mask is not None and not s.mask[b][k]:
-                self.reused[b, k] += 1
+                self._reused[b][k] += 1
                 return cached
             out = original(*args, **kwargs)
-            self.computed[b, k] += 1
+            self._computed[b][k] += 1
             if s.mask is not None:
                 if cached is None:
                     s.cache_bytes += out.numel() * out.element_size()
@@ -238,7 +239,7 @@ class CacheEngine:
             raise RuntimeError("a cache session is already open; sessions do not nest")
         if self.schedule is not None:
             self.schedule.check_compatible(num_steps=num_steps)
-        if num_steps > self.computed.shape[1]:
+        if num_steps > len(self._computed[0]):
             self._grow_stats(num_steps)
         strategy = self._strategy
         if strategy is not None:
@@ -267,16 +268,27 @@ class CacheEngine:
 
     # ------------------------------------------------------------------ statistics
     def reset_stats(self, num_steps: int = 1) -> None:
-        # float: a token-wise strategy computes a fraction of a block
-        self.computed = np.zeros((len(self.blocks), num_steps), dtype=np.float64)
-        self.reused = np.zeros((len(self.blocks), num_steps), dtype=np.float64)
+        # Counted in plain lists on the hot path (a list item add costs a tenth of a numpy item add);
+        # read as float arrays (a token-wise strategy computes a fraction of a block).
+        self._computed = [[0.0] * num_steps for _ in self.blocks]
+        self._reused = [[0.0] * num_steps for _ in self.blocks]
         self.peak_cache_bytes = 0
         self.n_sessions = 0
 
     def _grow_stats(self, num_steps: int) -> None:
-        pad = num_steps - self.computed.shape[1]
-        self.computed = np.pad(self.computed, ((0, 0), (0, pad)))
-        self.reused = np.pad(self.reused, ((0, 0), (0, pad)))
+        for rows in (self._computed, self._reused):
+            for row in rows:
+                row.extend([0.0] * (num_steps - len(row)))
+
+    @property
+    def computed(self) -> np.ndarray:
+        """Block calls computed, [n_blocks, steps], summed over sessions (fractions for token-wise strategies)."""
+        return np.array(self._computed, dtype=np.float64).reshape(len(self.blocks), -1)
+
+    @property
+    def reused(self) -> np.ndarray:
+        """Block calls served from the cache, [n_blocks, steps], summed over sessions."""
+        return np.array(self._reused, dtype=np.float64).reshape(len(self.blocks), -1)
 
     @contextmanager
     def recording(self, first_input: bool = False) -> Iterator[dict[str, list[torch.Tensor]]]:
@@ -328,21 +340,23 @@ class CacheEngine:
     def measured_flops_ratio(self) -> float:
         """FLOPs ratio from what actually ran (the computed fraction of every block call, summed over the
         sessions so far): the ratio for online strategies, whose mask is known only after the fact."""
-        calls = self.computed + self.reused
+        computed = self.computed
+        calls = computed + self.reused
         steps = calls.max(0) > 0
         if not steps.any():
             raise RuntimeError("no cache session has run yet")
-        frac = np.where(calls > 0, self.computed / np.maximum(calls, 1e-12), 1.0)[:, steps]
+        frac = np.where(calls > 0, computed / np.maximum(calls, 1e-12), 1.0)[:, steps]
         return self.flops_ratio(frac)
 
     def stats(self) -> dict:
         """Per-block computed/reused counts summed over sessions, and the cache's peak memory."""
-        total = self.computed.sum() + self.reused.sum()
+        computed, reused = self.computed, self.reused
+        total = computed.sum() + reused.sum()
         return {
             "blocks": [b.name for b in self.blocks],
-            "computed": self.computed.sum(1).tolist(),
-            "reused": self.reused.sum(1).tolist(),
-            "computed_fraction": float(self.computed.sum() / total) if total else float("nan"),
+            "computed": computed.sum(1).tolist(),
+            "reused": reused.sum(1).tolist(),
+            "computed_fraction": float(computed.sum() / total) if total else float("nan"),
             "peak_cache_mb": round(self.peak_cache_bytes / 2**20, 3),
             "sessions": self.n_sessions,
             **({"strategy": self._strategy.describe(), **self._strategy.stats()} if self._strategy is not None else {}),

@@ -59,7 +59,8 @@ def _coefficients(scheduler) -> list[tuple] | None:
             coeffs.append(((1 - ap) ** 0.5, ap ** 0.5, ap_prev ** 0.5, None, (1 - ap_prev) ** 0.5, None))
         else:
             return None
-    return coeffs
+    # Python floats: a tensor-by-number op skips the 0-d tensor's dispatch and gives the same float32 bits.
+    return [tuple(None if v is None else float(v) for v in c) for c in coeffs]
 
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -148,7 +148,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     device = pick_device(str(cfg.device))
     checkpoint = resolve_path(cfg.policy.checkpoint)
     policy = load_policy(
-        checkpoint, device, num_inference_steps=cfg.policy.num_inference_steps, scheduler=cfg.policy.scheduler
+        checkpoint, device, num_inference_steps=cfg.policy.num_inference_steps, scheduler=cfg.policy.scheduler,
+        n_action_steps=cfg.policy.get("n_action_steps"),
     )
     pc = policy.config
     env_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.env, resolve=True).items() if k != "name"}
