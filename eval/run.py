@@ -246,6 +246,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "checkpoint": str(cfg.policy.checkpoint),
         "scheduler": pc.scheduler,
         "num_inference_steps": pc.num_inference_steps,
+        "n_action_steps": pc.n_action_steps,
         "flops_ratio": round(engine.flops_ratio(), 4) if engine else 1.0,
         "cache_stats": engine.stats() | {"schedule": cache_summary(schedule)} if engine else None,
         "budget": budget,

@@ -37,6 +37,17 @@ def test_trained_toy_policy_succeeds_and_summary_is_valid(toy_checkpoint, tmp_pa
     assert len(list((tmp_path / "videos").glob("*.mp4"))) == 1
 
 
+def test_n_action_steps_override(toy_checkpoint, tmp_path):
+    cfg = compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "eval.n_episodes=2", "eval.n_envs=2",
+                      "eval.latency_trials=1", "policy.n_action_steps=2")
+    summary = run.evaluate(cfg, tmp_path)
+    assert summary["n_action_steps"] == 2
+    episode = json.loads((tmp_path / "episodes.jsonl").read_text().splitlines()[0])
+    assert episode["n_chunks"] >= episode["steps"] / 2  # one plan per two executed actions
+    with pytest.raises(ValueError, match="n_action_steps"):
+        run.evaluate(compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "policy.n_action_steps=40"), tmp_path / "x")
+
+
 def test_crash_keeps_finished_episodes(toy_checkpoint, tmp_path, monkeypatch):
     cfg = compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "eval.n_episodes=6", "eval.n_envs=3")
     real_simulate = run.simulate
