@@ -124,7 +124,7 @@ class DiffusionTransformerPolicy(nn.Module):
             parts.append(x.to(self.device, torch.float32))
         return torch.cat(parts, dim=-1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict_action(
         self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
