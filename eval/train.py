@@ -121,7 +121,7 @@ def init_weights(policy: DiffusionTransformerPolicy, directory: str | Path) -> d
 
 def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
-    from eval.run import pick_device
+    from eval.run import device_name, pick_device
 
     device = pick_device(args.device)
     if args.time_budget_s is not None and args.time_budget_s <= 0:
@@ -177,7 +177,7 @@ def train(args: argparse.Namespace) -> Path:
         "lr": args.lr,
         "seed": args.seed,
         "torch": torch.__version__,
-        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "device": device_name(device),
     }
     if args.time_budget_s is not None:
         record["time_budget_s"] = args.time_budget_s

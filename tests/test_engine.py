@@ -26,7 +26,9 @@ def obs(seed=0, B=2):
 
 
 def act(policy, o, seed=0):
-    return policy.predict_action(o, generator=torch.Generator().manual_seed(seed))["action"]
+    """Actions on the policy's device (the noise is drawn there, so a CUDA policy can be checked the same way)."""
+    gen = torch.Generator(policy.device).manual_seed(seed)
+    return policy.predict_action({k: v.to(policy.device) for k, v in o.items()}, generator=gen)["action"]
 
 
 def test_blocks_found_in_layer_order():
@@ -42,8 +44,8 @@ def test_no_blocks_lists_candidates():
         attach(make_policy().model, blocks="decoder.layers.*.nonexistent")
 
 
-def test_compute_all_is_bitwise_identical_and_detach_leaves_no_trace():
-    policy = make_policy()
+def check_compute_all_and_detach(policy):
+    """No schedule: bit-identical actions; detach restores every module and weight. Shared with test_cuda."""
     before_state = {k: v.clone() for k, v in policy.state_dict().items()}
     reference = act(policy, obs())
     engine = attach(policy.model)  # no schedule: every block every step
@@ -53,10 +55,14 @@ def test_compute_all_is_bitwise_identical_and_detach_leaves_no_trace():
     engine.detach()
     policy.step_cursor = None
     for layer in policy.model.decoder.layers:
-        assert not {"sa_block", "ca_block", "ff_block"} & set(vars(layer))
+        assert not {"sa_block", "ca_block", "ff_block", "forward"} & set(vars(layer))
         assert layer.ff_block.__func__ is type(layer).ff_block
     assert all(torch.equal(before_state[k], v) for k, v in policy.state_dict().items())
     assert torch.equal(act(policy, obs()), reference)
+
+
+def test_compute_all_is_bitwise_identical_and_detach_leaves_no_trace():
+    check_compute_all_and_detach(make_policy())
 
 
 def test_session_is_cleared_after_an_exception():
@@ -173,11 +179,11 @@ def test_unknown_cache_and_missing_calibration_are_named(tmp_path):
         make_schedule(make_policy(), tmp_path, "bac")
 
 
-def test_fused_layers_match_unfused_reuse():
+def check_fused_matches_unfused(policy):
+    """Uniform reuse every 4 steps: fused layers give the unfused result. Shared with test_cuda."""
     from bac.schedule import uniform
     from policies.caching import policy_signature
 
-    policy = make_policy()
     scheduler, K, model_hash = policy_signature(policy)
     blocks = [info.name for _, _, info in find_blocks(policy.model)]
     schedule = uniform(blocks, K, 4, scheduler=scheduler, model_hash=model_hash)
@@ -188,5 +194,10 @@ def test_fused_layers_match_unfused_reuse():
         outs[fuse] = act(policy, obs())
         assert engine.reused.sum() == 9 * 16 and engine.computed.sum() == 9 * 4
         engine.detach()
+        policy.step_cursor = None
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)
     assert "forward" not in vars(policy.model.decoder.layers[0])
+
+
+def test_fused_layers_match_unfused_reuse():
+    check_fused_matches_unfused(make_policy())

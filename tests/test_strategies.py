@@ -100,7 +100,11 @@ def compute_everything(policy):
 @pytest.mark.parametrize("name", ["mask+taylor", "mask+foca", "teacache", "fbcache", "bwcache", "toca", "fora",
                                   "delta_dit", "profiling"])
 def test_compute_everything_is_bitwise_identical(name):
-    policy = make_policy()
+    check_compute_everything(make_policy(), name)
+
+
+def check_compute_everything(policy, name):
+    """Strategy ``name`` told to compute everything gives the engine-free actions bit for bit. Shared with test_cuda."""
     reference = act(policy, obs())
     out, engine = run_with(policy, compute_everything(policy)[name])
     assert torch.equal(out, reference)
