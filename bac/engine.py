@@ -105,6 +105,12 @@ class CacheEngine:
         if fuse_layers:
             self._find_layers(getattr(model, "cache_layers", None))
         self._layer_reuse: list[list[bool]] | None = None
+        # A stack declared by the model (``cache_stack``: a module whose forward applies the ``cache_layers``
+        # in order, ``x = layer(x, *args, **kwargs)``) is run by the engine itself, so a reused layer costs
+        # one add instead of a module call, a wrapper and the add.
+        self._stack: nn.Module | None = None
+        if self._layers:
+            self._find_stack(getattr(model, "cache_stack", None))
         self.schedule = None
         self._strategy = None  # a bac.strategies.Strategy, or None for the schedule (mask) path
         self._mask_list: list[list[bool]] | None = None
@@ -121,6 +127,11 @@ class CacheEngine:
                 raise RuntimeError(f"layer {type(layer).__name__} is already wrapped (is another engine attached?)")
             layer.__dict__["forward"] = self._make_layer_wrapper(li, layer.forward)
             self._installed.append((layer, "forward"))
+        if self._stack is not None:
+            if "forward" in self._stack.__dict__:
+                raise RuntimeError(f"stack {type(self._stack).__name__} is already wrapped (is another engine attached?)")
+            self._stack.__dict__["forward"] = self._make_stack_wrapper(self._stack.forward)
+            self._installed.append((self._stack, "forward"))
 
     def _find_layers(self, pattern: str | None) -> None:
         if not pattern:
@@ -133,6 +144,44 @@ class CacheEngine:
                         self._layer_of[b] = len(self._layers)
                     self._layers.append((mod, idxs))
 
+    def _find_stack(self, name: str | None) -> None:
+        if not name:
+            return
+        try:
+            stack = self.model.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(f"cache_stack {name!r} names no submodule of {type(self.model).__name__}") from e
+        inside = {id(m) for m in stack.modules()}
+        outside = [type(layer).__name__ for layer, _ in self._layers if id(layer) not in inside]
+        if outside:
+            raise ValueError(f"cache_stack {name!r} does not contain every cache layer (not inside: {outside})")
+        self._stack = stack
+
+    def _fused_delta(self, s: "_Session", li: int) -> torch.Tensor:
+        fused = s.fused[li]
+        if fused is None:
+            fused = s.fused[li] = torch.stack([s.cache[b] for b in self._layers[li][1]]).sum(0)
+        return fused
+
+    def _make_stack_wrapper(self, original: Callable) -> Callable:
+        layers = self._layers
+
+        def stack_wrapper(x, *args, **kwargs):
+            s = self._session
+            if s is None or s.mask is None:
+                return original(x, *args, **kwargs)
+            k = s.k
+            for li, (layer, idxs) in enumerate(layers):
+                if self._layer_reuse[li][k] and s.cache[idxs[0]] is not None:
+                    x = x + self._fused_delta(s, li)  # what the layer wrapper returns, without the calls
+                    for b in idxs:
+                        self._reused[b][k] += 1
+                else:
+                    x = layer(x, *args, **kwargs)
+            return x
+
+        return stack_wrapper
+
     def _make_layer_wrapper(self, li: int, original: Callable) -> Callable:
         idxs = self._layers[li][1]
 
@@ -140,13 +189,10 @@ class CacheEngine:
             s = self._session
             if s is None or s.mask is None or not self._layer_reuse[li][s.k] or s.cache[idxs[0]] is None:
                 return original(x, *args, **kwargs)
-            fused = s.fused[li]
-            if fused is None:
-                fused = s.fused[li] = torch.stack([s.cache[b] for b in idxs]).sum(0)
             k = s.k
             for b in idxs:
                 self._reused[b][k] += 1
-            return x + fused
+            return x + self._fused_delta(s, li)
 
         return layer_wrapper
 
@@ -372,7 +418,10 @@ def attach(model: nn.Module, schedule=None, blocks: str | Sequence[str] | None =
     the common layouts in ``DEFAULT_PATTERNS``. With ``fuse_layers`` and a model that declares
     ``cache_layers`` (modules whose forward returns its input plus the sum of its blocks' outputs), a
     layer whose blocks all reuse at a step is replaced by one add of their summed cached deltas: the same
-    value up to float summation order, and fewer Python calls and tensor ops on the hot path.
+    value up to float summation order, and fewer Python calls and tensor ops on the hot path. A model that
+    also declares ``cache_stack`` (the module whose forward runs those layers in order, each as
+    ``x = layer(x, *args, **kwargs)``) has that loop run by the engine during a session, so a reused layer
+    is that add alone, with no module call: bitwise the same result as the layer wrappers.
     """
     engine = CacheEngine(model, find_blocks(model, blocks), fuse_layers=fuse_layers)
     engine.set_schedule(schedule)

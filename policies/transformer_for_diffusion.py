@@ -116,6 +116,7 @@ class TransformerForDiffusion(nn.Module):
     # forward is exactly "input + sum of those branches' outputs" (so fully reused layers can be fused).
     cache_blocks = "decoder.layers.*.{sa_block,ca_block,ff_block}"
     cache_layers = "decoder.layers.*"
+    cache_stack = "decoder"  # Decoder.forward applies the layers in order with the same arguments
 
     def __init__(
         self,

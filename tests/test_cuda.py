@@ -10,7 +10,8 @@ import torch
 
 from policies import load_policy
 from policies.caching import disable_cache, enable_cache, make_schedule
-from tests.test_engine import act, check_compute_all_and_detach, check_fused_matches_unfused, make_policy
+from tests.test_engine import (act, check_compute_all_and_detach, check_fused_matches_unfused,
+                               check_stack_matches_layer_wrappers, make_policy)
 from tests.test_strategies import check_compute_everything
 
 DEVICE = os.environ.get("BAC_TEST_DEVICE", "cuda")  # BAC_TEST_DEVICE=cpu checks these tests' own logic anywhere
@@ -37,6 +38,10 @@ def test_every_strategy_computing_everything_is_exact_on_cuda(name):
 
 def test_uniform_reuse_fused_and_unfused_agree_on_cuda():
     check_fused_matches_unfused(cuda_policy())
+
+
+def test_engine_run_stack_is_bitwise_the_layer_path_on_cuda():
+    check_stack_matches_layer_wrappers(cuda_policy())
 
 
 def test_shipped_lift_policy_with_bac_on_cuda():

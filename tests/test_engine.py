@@ -57,6 +57,7 @@ def check_compute_all_and_detach(policy):
     for layer in policy.model.decoder.layers:
         assert not {"sa_block", "ca_block", "ff_block", "forward"} & set(vars(layer))
         assert layer.ff_block.__func__ is type(layer).ff_block
+    assert "forward" not in vars(policy.model.decoder)  # the stack wrapper is gone too
     assert all(torch.equal(before_state[k], v) for k, v in policy.state_dict().items())
     assert torch.equal(act(policy, obs()), reference)
 
@@ -201,3 +202,53 @@ def check_fused_matches_unfused(policy):
 
 def test_fused_layers_match_unfused_reuse():
     check_fused_matches_unfused(make_policy())
+
+
+def check_stack_matches_layer_wrappers(policy):
+    """The engine-run stack (cache_stack) gives bitwise the actions of the layer wrappers alone, with the
+    same stats. Shared with test_cuda."""
+    from bac.schedule import uniform
+    from policies.caching import policy_signature
+
+    scheduler, K, model_hash = policy_signature(policy)
+    blocks = [info.name for _, _, info in find_blocks(policy.model)]
+    schedule = uniform(blocks, K, 4, scheduler=scheduler, model_hash=model_hash)
+    outs, stats = {}, {}
+    cls = type(policy.model)
+    declared = cls.cache_stack
+    for stacked in (True, False):
+        cls.cache_stack = declared if stacked else None
+        try:
+            engine = attach(policy.model, schedule)
+            assert (engine._stack is not None) == stacked
+            policy.step_cursor = engine
+            outs[stacked] = act(policy, obs())
+            stats[stacked] = (engine.computed.copy(), engine.reused.copy())
+            engine.detach()
+            policy.step_cursor = None
+        finally:
+            cls.cache_stack = declared
+    assert torch.equal(outs[True], outs[False])
+    assert all(np.array_equal(a, b) for a, b in zip(stats[True], stats[False]))
+    assert "forward" not in vars(policy.model.decoder)
+
+
+def test_engine_run_stack_is_bitwise_the_layer_path():
+    check_stack_matches_layer_wrappers(make_policy())
+
+
+def test_bad_cache_stack_is_named():
+    policy = make_policy()
+    cls = type(policy.model)
+    declared = cls.cache_stack
+    try:
+        cls.cache_stack = "decoder.nope"
+        with pytest.raises(ValueError, match="names no submodule"):
+            attach(policy.model)
+        cls.cache_stack = "head"
+        with pytest.raises(ValueError, match="does not contain every cache layer"):
+            attach(policy.model)
+    finally:
+        cls.cache_stack = declared
+    assert "forward" not in vars(policy.model.decoder) and "forward" not in vars(policy.model.head)
+    assert not any({"sa_block", "forward"} & set(vars(layer)) for layer in policy.model.decoder.layers)
