@@ -159,8 +159,12 @@ class CacheEngine:
 
     def _fused_delta(self, s: "_Session", li: int) -> torch.Tensor:
         fused = s.fused[li]
-        if fused is None:
-            fused = s.fused[li] = torch.stack([s.cache[b] for b in self._layers[li][1]]).sum(0)
+        if fused is None:  # left-to-right adds: stack(...).sum(0)'s bits on the CPU, without the copy
+            idxs = self._layers[li][1]
+            fused = s.cache[idxs[0]]
+            for b in idxs[1:]:
+                fused = fused + s.cache[b]
+            s.fused[li] = fused
         return fused
 
     def _make_stack_wrapper(self, original: Callable) -> Callable:
