@@ -4,6 +4,7 @@
     python eval/figures.py step-error --checkpoint checkpoints/lift          # per-step error: block-wise ACS vs BAC
     python eval/figures.py hz-success results/2026-11-25 --out docs/hz_success.png   # from summary.json files
     python eval/figures.py realtime docs/results/realtime --offline docs/results --out docs/figures/realtime.png
+    python eval/figures.py frames runs/vid/videos/seed0_success.mp4 runs/vid/videos/seed2_fail.mp4 --out strip.png
 
 The step-error figure runs the uncached sampler on held-out benchmark observations, then feeds each
 step's x_k to the cached denoiser and plots its output error at that step (teacher forcing, so the curve
@@ -195,6 +196,38 @@ def realtime(result_dirs: list[Path], offline_dirs: list[Path], out: Path) -> Pa
     return out
 
 
+def frames(videos: list[Path], out: Path, n_frames: int = 8) -> Path:
+    """One row per rollout video (``eval/run.py eval.video=true``): ``n_frames`` frames evenly spaced from the
+    first to the last, titled with the video's name and the frame index."""
+    import imageio.v2 as imageio
+
+    rows = []
+    for v in videos:
+        if not v.is_file():
+            raise FileNotFoundError(f"no video {v}; make one with eval/run.py ... eval.video=true")
+        reader = imageio.get_reader(str(v))
+        clip = [np.asarray(f) for f in reader]
+        reader.close()
+        if not clip:
+            raise ValueError(f"video {v} has no frames")
+        idx = np.linspace(0, len(clip) - 1, min(n_frames, len(clip))).round().astype(int)
+        rows.append((v.stem, idx, [clip[i] for i in idx]))
+    cols = max(len(r[1]) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols, 2.1 * len(rows)), squeeze=False)
+    for r, (name, idx, imgs) in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(imgs):
+                ax.imshow(imgs[c])
+                ax.set_title(f"{name} t={idx[c]}" if c == 0 else f"t={idx[c]}", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -215,6 +248,10 @@ def main(argv=None) -> None:
     r.add_argument("results", nargs="+")
     r.add_argument("--offline", nargs="*", default=[], help="folders with the offline runs of the same configs")
     r.add_argument("--out", required=True)
+    f = sub.add_parser("frames")
+    f.add_argument("videos", nargs="+")
+    f.add_argument("--n-frames", type=int, default=8)
+    f.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.cmd == "heatmaps":
@@ -223,6 +260,8 @@ def main(argv=None) -> None:
     elif a.cmd == "step-error":
         ckpt = Path(a.checkpoint)
         path = step_error(ckpt, a.n_updates, a.n_bubble, Path(a.out or ckpt / "calibration" / f"step_error_S{a.n_updates}.png"))
+    elif a.cmd == "frames":
+        path = frames([Path(v) for v in a.videos], Path(a.out), a.n_frames)
     elif a.cmd == "realtime":
         path = realtime([Path(x) for x in a.results], [Path(x) for x in a.offline], Path(a.out))
     else:

@@ -34,7 +34,14 @@ def test_trained_toy_policy_succeeds_and_summary_is_valid(toy_checkpoint, tmp_pa
     lines = (tmp_path / "episodes.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["seed"] for line in lines) == list(range(40))
     assert (tmp_path / "config.yaml").exists()
-    assert len(list((tmp_path / "videos").glob("*.mp4"))) == 1
+    videos = list((tmp_path / "videos").glob("*.mp4"))
+    assert len(videos) == 1
+    import eval.figures as figures
+
+    figures.main(["frames", str(videos[0]), "--n-frames", "4", "--out", str(tmp_path / "strip.png")])
+    assert (tmp_path / "strip.png").stat().st_size > 5_000
+    with pytest.raises(FileNotFoundError, match="eval.video=true"):
+        figures.main(["frames", str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "x.png")])
 
 
 def test_n_action_steps_override(toy_checkpoint, tmp_path):
