@@ -130,7 +130,9 @@ def hz_success(result_dirs: list[Path], out: Path, hz_key: str = "inference_hz")
         for s in sorted((s for s in summaries if s["task"] == task), key=lambda s: s[hz_key]):
             lo, hi = s["success_ci95"]
             sched = (s.get("cache_stats") or {}).get("schedule", {})
-            label = s["cache"] + (f" (S={sched['n_updates']})" if sched.get("n_updates") else "")
+            label = s["cache"] + (f" (S={sched['n_updates']}" if sched.get("n_updates") else "")
+            if sched.get("n_updates"):
+                label += (f", n={sched['n_bubble']})" if s["cache"] == "bac" and sched.get("n_bubble") else ")")
             ax.errorbar(s[hz_key], s["success_rate"], yerr=[[s["success_rate"] - lo], [hi - s["success_rate"]]],
                         fmt="o", capsize=4, color=COLORS.get(s["cache"]), label=label, ms=7)
         ax.set_xlim(left=0)
