@@ -175,11 +175,12 @@ class CacheEngine:
             if s is None or s.mask is None:
                 return original(x, *args, **kwargs)
             k = s.k
+            reuse, cache, counts = self._layer_reuse, s.cache, self._layer_reused
             for li, (layer, idxs) in enumerate(layers):
-                if self._layer_reuse[li][k] and s.cache[idxs[0]] is not None:
-                    x = x + self._fused_delta(s, li)  # what the layer wrapper returns, without the calls
-                    for b in idxs:
-                        self._reused[b][k] += 1
+                if reuse[li][k] and cache[idxs[0]] is not None:
+                    fused = s.fused[li]
+                    x = x + (fused if fused is not None else self._fused_delta(s, li))  # the layer wrapper's add
+                    counts[li][k] += 1
                 else:
                     x = layer(x, *args, **kwargs)
             return x
@@ -193,9 +194,7 @@ class CacheEngine:
             s = self._session
             if s is None or s.mask is None or not self._layer_reuse[li][s.k] or s.cache[idxs[0]] is None:
                 return original(x, *args, **kwargs)
-            k = s.k
-            for b in idxs:
-                self._reused[b][k] += 1
+            self._layer_reused[li][s.k] += 1
             return x + self._fused_delta(s, li)
 
         return layer_wrapper
@@ -322,11 +321,12 @@ class CacheEngine:
         # read as float arrays (a token-wise strategy computes a fraction of a block).
         self._computed = [[0.0] * num_steps for _ in self.blocks]
         self._reused = [[0.0] * num_steps for _ in self.blocks]
+        self._layer_reused = [[0.0] * num_steps for _ in self._layers]  # whole fused layers: one count each
         self.peak_cache_bytes = 0
         self.n_sessions = 0
 
     def _grow_stats(self, num_steps: int) -> None:
-        for rows in (self._computed, self._reused):
+        for rows in (self._computed, self._reused, self._layer_reused):
             for row in rows:
                 row.extend([0.0] * (num_steps - len(row)))
 
@@ -338,7 +338,10 @@ class CacheEngine:
     @property
     def reused(self) -> np.ndarray:
         """Block calls served from the cache, [n_blocks, steps], summed over sessions."""
-        return np.array(self._reused, dtype=np.float64).reshape(len(self.blocks), -1)
+        out = np.array(self._reused, dtype=np.float64).reshape(len(self.blocks), -1)
+        for (_, idxs), counts in zip(self._layers, self._layer_reused):
+            out[idxs] += np.asarray(counts, dtype=np.float64)  # a fused layer's reuse is each of its blocks'
+        return out
 
     @contextmanager
     def recording(self, first_input: bool = False) -> Iterator[dict[str, list[torch.Tensor]]]:

@@ -25,7 +25,8 @@ FastStep = Callable[[torch.Tensor, int, torch.Tensor, torch.Generator | None], t
 def _draw_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     # As diffusers' randn_tensor: draw on the generator's device, then move.
     device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+    return z if device == x.device else z.to(x.device)
 
 
 def _coefficients(scheduler) -> list[tuple] | None:

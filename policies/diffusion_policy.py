@@ -145,8 +145,9 @@ class DiffusionTransformerPolicy(nn.Module):
         time_tokens = self.model.encode_time(self.noise_scheduler.timesteps)  # (K, 1, n_emb)
         memory = self.model.memory(obs_tokens, time_tokens)  # (K, B, 1 + To, n_emb)
         noise = torch.randn((B, c.horizon, c.action_dim), generator=generator, device=self.device)
+        memories = memory.unbind(0)  # K views made at once, not one indexing op per step
         naction = denoise(
-            lambda x, t, k: self.model(x, t, memory=memory[k]),
+            lambda x, t, k: self.model(x, t, memory=memories[k]),
             self.noise_scheduler,
             noise,
             c.num_inference_steps,
