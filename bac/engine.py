@@ -178,8 +178,7 @@ class CacheEngine:
             reuse, cache, counts = self._layer_reuse, s.cache, self._layer_reused
             for li, (layer, idxs) in enumerate(layers):
                 if reuse[li][k] and cache[idxs[0]] is not None:
-                    fused = s.fused[li]
-                    x = x + (fused if fused is not None else self._fused_delta(s, li))  # the layer wrapper's add
+                    x = x + self._fused_delta(s, li)  # the layer wrapper's add, without its calls
                     counts[li][k] += 1
                 else:
                     x = layer(x, *args, **kwargs)
