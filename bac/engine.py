@@ -107,7 +107,8 @@ class CacheEngine:
         self._layer_reuse: list[list[bool]] | None = None
         # A stack declared by the model (``cache_stack``: a module whose forward applies the ``cache_layers``
         # in order, ``x = layer(x, *args, **kwargs)``) is run by the engine itself, so a reused layer costs
-        # one add instead of a module call, a wrapper and the add.
+        # one add instead of a module call, a wrapper and the add, and a computing layer runs its own forward
+        # without the module call (with it when the layer has hooks, so they still fire).
         self._stack: nn.Module | None = None
         if self._layers:
             self._find_stack(getattr(model, "cache_stack", None))
@@ -122,9 +123,11 @@ class CacheEngine:
         self.reset_stats()
         for b, (parent, attr) in enumerate(self._targets):
             self._install(b, parent, attr)
+        self._layer_forwards: list[Callable] = []  # each layer's own forward, for the stack to call directly
         for li, (layer, _) in enumerate(self._layers):
             if "forward" in layer.__dict__:
                 raise RuntimeError(f"layer {type(layer).__name__} is already wrapped (is another engine attached?)")
+            self._layer_forwards.append(layer.forward)
             layer.__dict__["forward"] = self._make_layer_wrapper(li, layer.forward)
             self._installed.append((layer, "forward"))
         if self._stack is not None:
@@ -168,20 +171,23 @@ class CacheEngine:
         return fused
 
     def _make_stack_wrapper(self, original: Callable) -> Callable:
-        layers = self._layers
+        layers, forwards = self._layers, self._layer_forwards
 
         def stack_wrapper(x, *args, **kwargs):
             s = self._session
             if s is None or s.mask is None:
                 return original(x, *args, **kwargs)
             k = s.k
-            reuse, cache, counts = self._layer_reuse, s.cache, self._layer_reused
+            reuse, cache, fused, counts = self._layer_reuse, s.cache, s.fused, self._layer_reused
             for li, (layer, idxs) in enumerate(layers):
                 if reuse[li][k] and cache[idxs[0]] is not None:
-                    x = x + self._fused_delta(s, li)  # the layer wrapper's add, without its calls
+                    f = fused[li]
+                    x = x + (f if f is not None else self._fused_delta(s, li))  # the layer wrapper's add alone
                     counts[li][k] += 1
-                else:
+                elif layer._forward_hooks or layer._forward_pre_hooks:
                     x = layer(x, *args, **kwargs)
+                else:  # the layer's own forward: its blocks' wrappers decide, no module call or layer wrapper
+                    x = forwards[li](x, *args, **kwargs)
             return x
 
         return stack_wrapper

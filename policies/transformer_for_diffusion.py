@@ -17,6 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _dropout(drop: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """``drop(x)``, without the module call in eval mode, where dropout is the identity."""
+    return drop(x) if drop.training else x
+
+
 class SinusoidalPosEmb(nn.Module):
     """Timestep embedding: ``[sin(t * w_i), cos(t * w_i)]`` with log-spaced frequencies (no weights)."""
 
@@ -79,13 +84,13 @@ class DecoderLayer(nn.Module):
     # The three residual branches. Each returns the delta it adds to x.
     def sa_block(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
-        return self.dropout1(self.self_attn(h, h, mask))
+        return _dropout(self.dropout1, self.self_attn(h, h, mask))
 
     def ca_block(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
-        return self.dropout2(self.multihead_attn(self.norm2(x), memory, memory_mask))
+        return _dropout(self.dropout2, self.multihead_attn(self.norm2(x), memory, memory_mask))
 
     def ff_block(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout3(self.linear2(self.dropout(F.gelu(self.linear1(self.norm3(x))))))
+        return _dropout(self.dropout3, self.linear2(_dropout(self.dropout, F.gelu(self.linear1(self.norm3(x))))))
 
     def forward(self, x, memory, mask, memory_mask):  # (B, T, n_emb) -> (B, T, n_emb)
         x = x + self.sa_block(x, mask)
@@ -207,6 +212,7 @@ class TransformerForDiffusion(nn.Module):
             B = sample.shape[0]
             timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)
             memory = torch.cat([self.encode_time(timestep), self.encode_obs(cond)], dim=1)  # (B, 1 + To, n_emb)
-        x = self.drop(self.input_emb(sample) + self.pos_emb[:, : sample.shape[1]])
-        x = self.decoder(x, memory, self.mask, self.memory_mask)
+        T = sample.shape[1]
+        x = self.input_emb(sample) + (self.pos_emb if T == self.horizon else self.pos_emb[:, :T])
+        x = self.decoder(_dropout(self.drop, x), memory, self.mask, self.memory_mask)
         return self.head(self.ln_f(x))

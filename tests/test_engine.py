@@ -252,3 +252,32 @@ def test_bad_cache_stack_is_named():
         cls.cache_stack = declared
     assert "forward" not in vars(policy.model.decoder) and "forward" not in vars(policy.model.head)
     assert not any({"sa_block", "forward"} & set(vars(layer)) for layer in policy.model.decoder.layers)
+
+
+def test_stack_calls_a_hooked_layer_as_a_module():
+    """The engine-run stack calls a layer's forward directly, except when the layer has hooks: then the
+    module call runs them at every step where the layer computes."""
+    from bac.schedule import uniform
+    from policies.caching import policy_signature
+
+    policy = make_policy()
+    scheduler, K, model_hash = policy_signature(policy)
+    blocks = [info.name for _, _, info in find_blocks(policy.model)]
+    schedule = uniform(blocks, K, 4, scheduler=scheduler, model_hash=model_hash)
+    reference = None
+    for hooked in (False, True):
+        engine = attach(policy.model, schedule)
+        policy.step_cursor = engine
+        calls = []
+        layer = policy.model.decoder.layers[1]
+        handle = layer.register_forward_hook(lambda m, args, out: calls.append(1)) if hooked else None
+        out = act(policy, obs())
+        engine.detach()
+        policy.step_cursor = None
+        if handle is not None:
+            handle.remove()
+        if reference is None:
+            reference = out
+    assert torch.equal(out, reference)  # the hook only observes
+    rows = [i for i, b in enumerate(blocks) if b.startswith("decoder.layers.1.")]
+    assert len(calls) == int(schedule.to_mask()[rows].any(0).sum()) > 0
