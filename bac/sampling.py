@@ -42,8 +42,9 @@ def denoise(
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     fast_step = fast_step_for(scheduler) if fast else None  # DDPM/DDIM as precomputed tensor ops
     x = noise
-    with cursor.session(len(scheduler.timesteps)) if cursor is not None else nullcontext():
-        for k, t in enumerate(scheduler.timesteps):
+    timesteps = scheduler.timesteps.unbind(0)  # K 0-d views made at once, not one indexing op per step
+    with cursor.session(len(timesteps)) if cursor is not None else nullcontext():
+        for k, t in enumerate(timesteps):
             if cursor is not None:
                 cursor.step(k, t)
             out = model_fn(x, t, k)

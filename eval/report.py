@@ -81,19 +81,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bench_table(dirs: list[Path]) -> str:
-    """One markdown table of every bench.json under ``dirs`` (eval/bench.py output)."""
+def bench_table(dirs: list[Path], name: str | None = None) -> str:
+    """One markdown table of every bench.json under ``dirs`` (eval/bench.py output); ``name`` keeps only the
+    bench folders of that name (e.g. ``bench_quiet``)."""
     lines = ["| task | config | latency p50 / p95 ms | speedup vs none | FLOPs ratio | speedup / FLOPs ceiling "
-             "| action MSE | device |", "|---|---|---|---|---|---|---|---|"]
-    for path in sorted(p for d in dirs for p in d.rglob("bench.json")):
+             "| floor-aware ceiling (speedup / it) | action MSE | device |", "|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(p for d in dirs for p in d.rglob("bench.json") if name is None or p.parent.name == name):
         b = json.loads(path.read_text())
         m = b["meta"]
         sampler = f"{m.get('scheduler')}-{m.get('num_inference_steps')}"
         task = m["task"] if sampler in ("ddpm-100", "None-None") else f"{m['task']} ({sampler})"
         for r in b["rows"]:
+            floor = "-" if r.get("floor_ceiling") is None else f"{r['floor_ceiling']:.2f}x ({r['speedup_vs_floor_ceiling']:.2f})"
             lines.append(f"| {task} | {r['config']} | {r['latency_ms']['p50']:.0f} / "
                          f"{r['latency_ms']['p95']:.0f} | {r['speedup']:.2f}x | {r['flops_ratio']:.3f} "
-                         f"| {r['speedup_vs_flops']:.2f} | {r['action_mse']:.2e} | {r['device']} |")
+                         f"| {r['speedup_vs_flops']:.2f} | {floor} | {r['action_mse']:.2e} | {r['device']} |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 

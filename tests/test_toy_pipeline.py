@@ -140,6 +140,14 @@ def test_train_init_from_starts_at_the_source_weights(toy_checkpoint, tmp_path):
         train.train(train.parse_args(base + ["--n-layer", "2", "--n-emb", "32", "--out", str(tmp_path / "b"), "--steps", "1"]))
 
 
+def test_floor_ceiling():
+    from eval.bench import floor_ceiling
+
+    assert floor_ceiling(1.0, 0.0, 100, 0.1) == pytest.approx(10.0)  # a free floor: the FLOPs ceiling
+    assert floor_ceiling(1.0, 0.005, 100, 0.1) == pytest.approx(1 / (0.5 + 0.05))  # half of each step is floor
+    assert floor_ceiling(1.0, 0.02, 100, 0.1) == 1.0  # a floor above the uncached step cannot be beaten
+
+
 def test_calibrate_bench_and_cached_rollouts(toy_checkpoint, tmp_path):
     import eval.bench as bench
     import eval.calibrate as calibrate
@@ -157,6 +165,8 @@ def test_calibrate_bench_and_cached_rollouts(toy_checkpoint, tmp_path):
     assert by["bac@S10"]["flops_ratio"] > by["blockwise_acs@S10"]["flops_ratio"]  # the union adds updates
     saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert {"cache", "latency_ms", "speedup", "flops_ratio", "action_mse", "device"} <= set(saved["rows"][0])
+    assert 0 < saved["meta"]["floor_ms_per_step"] < saved["meta"]["uncached_ms_per_step"]
+    assert all(1 < r["floor_ceiling"] < 1 / r["flops_ratio"] for c, r in by.items() if c != "none")
     summary = run.evaluate(compose_cfg(*base, "cache=bac", "eval.n_episodes=10", "eval.n_envs=10",
                                        "eval.latency_trials=2"), tmp_path / "run")
     assert summary["cache"] == "bac" and 0 < summary["flops_ratio"] < 1
