@@ -75,16 +75,26 @@ def calibrate(cfg: DictConfig) -> Path:
     held_out = calibration_obs(policy, dataset, int(cfg.calibrate.n_bench_obs), int(cfg.calibrate.seed) + 1)
     np.savez_compressed(bench_obs_path(ckpt), **{k: v.numpy() for k, v in held_out.items()})
     print(f"calibrated {len(blocks)} blocks x {K} steps on {source['n_obs']} observations in {time.time() - t0:.1f} s -> {out}")
+    write_schedules(calib, ckpt, K, cfg.calibrate.n_updates, cfg.calibrate.n_bubble, str(cfg.cache.get("metric", "cosine")))
+    return out
+
+
+def write_schedules(calib: Calibration, ckpt: Path, K: int, n_updates, n_bubbles, metric: str) -> list[Path]:
+    """The schedule JSONs shipped next to a checkpoint: every calibrated method at every S in ``n_updates``,
+    BAC at every n in ``n_bubbles``, under ``<ckpt>/schedules/``."""
     sched_dir = ckpt / "schedules"
     sched_dir.mkdir(exist_ok=True)
-    for S in cfg.calibrate.n_updates:
+    n_bubbles = [n_bubbles] if isinstance(n_bubbles, int) else list(n_bubbles)
+    paths = []
+    for S in n_updates:
         for method in SCHEDULE_METHODS:
-            n = int(cfg.cache.get("n_bubble", 5)) if method == "bac" else 0
-            schedule = calib.schedule(method, int(S), n, str(cfg.cache.get("metric", "cosine")))
-            tag = f"{method}_S{S}" + (f"_n{n}" if method == "bac" else "") + f"_{schedule.metric}_K{K}"
-            schedule.save(sched_dir / f"{tag}.json")
-            print(f"  {tag}: {schedule.computed_fraction():.3f} of block calls computed")
-    return out
+            for n in (n_bubbles if method == "bac" else [0]):
+                schedule = calib.schedule(method, int(S), int(n), metric)
+                tag = f"{method}_S{S}" + (f"_n{n}" if method == "bac" else "") + f"_{schedule.metric}_K{K}"
+                paths.append(sched_dir / f"{tag}.json")
+                schedule.save(paths[-1])
+                print(f"  {tag}: {schedule.computed_fraction():.3f} of block calls computed")
+    return paths
 
 
 @hydra.main(version_base=None, config_path=str(ROOT / "configs"), config_name="config")

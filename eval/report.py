@@ -4,15 +4,18 @@
     python eval/report.py methods results/multirun/... --bench docs/results/can/bench_methods --out docs/methods.md \
         --plot docs/figures/pareto.png     # the caching methods compared: one table, one Pareto plot
 
-Rows are grouped by task and sorted by cache method. Latencies come from separate processes, so they
+Rows are grouped by task and sorted by cache method; runs of one config on disjoint seeds are merged into one
+row (``merge_runs``). Latencies come from separate processes, so they
 are not compared here: speedups against ``cache=none`` are eval/bench.py's job (one process, interleaved).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ORDER = ["none", "uniform", "unified_acs", "blockwise_acs", "bac"]
 
 
@@ -59,6 +62,39 @@ def realtime_table(rows: list[dict]) -> str:
                 f"| {r['action_age_ms'] if r['action_age_ms'] is not None else '-'} | {r.get('flops_ratio', 1.0):.3f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def merge_runs(rows: list[dict]) -> list[dict]:
+    """Offline runs of one config on disjoint seed ranges (same task, checkpoint, sampler, cache and knobs) as one
+    row: successes and episodes summed and the Wilson interval recomputed; latency and Hz are the runs' means
+    weighted by episodes (each run measured its own). ``seeds`` becomes the list of ranges."""
+    from bac.metrics import wilson_interval
+
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("loop", "offline") != "offline":
+            continue
+        sched = (r.get("cache_stats") or {}).get("schedule", {})
+        key = json.dumps([r["task"], r.get("checkpoint"), r.get("scheduler"), r.get("num_inference_steps"), r["cache"],
+                          sched.get("n_updates"), sched.get("n_bubble"), sched.get("metric"), r.get("device")])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for group in groups.values():
+        ranges = sorted(tuple(r.get("seeds") or (None, None)) for r in group)
+        disjoint = None not in (x for rg in ranges for x in rg) and all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))
+        if len(group) == 1 or not disjoint:
+            out.extend(group)
+            continue
+        n = sum(r["n_episodes"] for r in group)
+        k = sum(r.get("n_successes", round(r["success_rate"] * r["n_episodes"])) for r in group)
+        mean = lambda f: sum(f(r) * r["n_episodes"] for r in group) / n  # noqa: E731
+        merged = dict(group[0], n_episodes=n, n_successes=k, success_rate=k / n, success_ci95=list(wilson_interval(k, n)),
+                      seeds=[list(rg) for rg in ranges], inference_hz=mean(lambda r: r["inference_hz"]),
+                      control_hz=mean(lambda r: r["control_hz"]),
+                      latency_ms={q: mean(lambda r: r["latency_ms"][q]) for q in group[0]["latency_ms"]},
+                      _path=[r["_path"] for r in group])
+        out.append(merged)
+    return out + [r for r in rows if r.get("loop", "offline") != "offline"]
 
 
 def table(rows: list[dict]) -> str:
@@ -259,7 +295,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     dirs = [Path(r) for r in a.results]
     rows = load(dirs)
-    md = table(rows)
+    md = table(merge_runs(rows))
     rt = realtime_table(rows)
     if rt:
         md += ("\nRealtime loop (the simulated world runs at its control rate while the policy computes; "

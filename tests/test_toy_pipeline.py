@@ -156,13 +156,14 @@ def test_calibrate_bench_and_cached_rollouts(toy_checkpoint, tmp_path):
     base = ["env=toy", f"policy.checkpoint={toy_checkpoint}", f"calibrate.dataset={data}", "calibrate.n_obs=4",
             "calibrate.n_updates=[5,10]"]
     out = calibrate.calibrate(compose_cfg(*base))
-    assert out.exists() and (toy_checkpoint / "schedules" / "bac_S10_n5_cosine_K100.json").exists()
+    assert out.exists() and all((toy_checkpoint / "schedules" / f"bac_S10_n{n}_cosine_K100.json").exists() for n in (1, 5))
     rows = bench.bench(compose_cfg(*base, "bench.trials=2", "bench.warmup=1", "bench.n_obs=2"), tmp_path / "bench")
     by = {r["config"]: r for r in rows}
-    assert set(by) == {"none", "uniform@S10", "unified_acs@S10", "blockwise_acs@S10", "bac@S10"}
+    assert set(by) == {"none", "uniform@S10", "unified_acs@S10", "blockwise_acs@S10", "bac@S10n1", "bac@S10n5"}
     assert by["none"]["action_mse"] == 0.0 and by["none"]["speedup"] == 1.0
     assert all(0 < r["flops_ratio"] < 1 and r["action_mse"] > 0 for c, r in by.items() if c != "none")
-    assert by["bac@S10"]["flops_ratio"] > by["blockwise_acs@S10"]["flops_ratio"]  # the union adds updates
+    assert by["bac@S10n5"]["flops_ratio"] >= by["bac@S10n1"]["flops_ratio"] >= by["blockwise_acs@S10"]["flops_ratio"]
+    assert by["bac@S10n5"]["flops_ratio"] > by["blockwise_acs@S10"]["flops_ratio"]  # the union adds updates
     saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert {"cache", "latency_ms", "speedup", "flops_ratio", "action_mse", "device"} <= set(saved["rows"][0])
     assert 0 < saved["meta"]["floor_ms_per_step"] < saved["meta"]["uncached_ms_per_step"]
@@ -180,7 +181,7 @@ def test_calibrate_bench_and_cached_rollouts(toy_checkpoint, tmp_path):
     import eval.report as report
 
     md = report.table(report.load([tmp_path / "run"]))
-    assert "| toy | bac | 10 | 5 | 10 |" in md
+    assert "| toy | bac | 10 | 1 | 10 |" in md  # cache=bac: n = 1 by default
 
 
 def test_realtime_loop_reports_misses_and_budget_picks_s(toy_checkpoint, tmp_path):

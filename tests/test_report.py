@@ -1,0 +1,30 @@
+"""eval/report.py: runs of one config on disjoint seeds merge into one row; anything else stays apart."""
+from __future__ import annotations
+
+import pytest
+
+from eval.report import merge_runs, table
+
+
+def run(seeds, successes, n=50, cache="bac", n_bubble=5, p50=50.0):
+    return {"task": "square", "checkpoint": "checkpoints/square", "scheduler": "ddpm", "num_inference_steps": 100,
+            "cache": cache, "cache_stats": {"schedule": {"n_updates": 10, "n_bubble": n_bubble, "metric": "cosine"}},
+            "loop": "offline", "n_episodes": n, "n_successes": successes, "success_rate": successes / n,
+            "success_ci95": [0.0, 1.0], "seeds": list(seeds), "latency_ms": {"p50": p50, "p95": p50 * 2},
+            "inference_hz": 1000 / p50, "control_hz": 50.0, "flops_ratio": 0.17, "device": "cpu", "_path": str(seeds)}
+
+
+def test_disjoint_seed_ranges_merge_into_one_row():
+    rows = merge_runs([run((0, 49), 20, p50=40.0), run((50, 99), 21, p50=60.0)])
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["n_episodes"], r["n_successes"], r["success_rate"]) == (100, 41, 0.41)
+    assert r["success_ci95"] == pytest.approx([0.3187, 0.5080], abs=1e-4)  # Wilson on 41/100
+    assert r["latency_ms"]["p50"] == 50.0 and r["seeds"] == [[0, 49], [50, 99]]
+    assert "| square | bac | 10 | 5 | 100 | 0.41 [0.32, 0.51] |" in table(rows)
+
+
+def test_overlapping_seeds_or_other_knobs_stay_apart():
+    assert len(merge_runs([run((0, 49), 20), run((25, 74), 21)])) == 2  # the same episodes twice
+    assert len(merge_runs([run((0, 49), 20), run((50, 99), 25, n_bubble=1)])) == 2
+    assert len(merge_runs([run((0, 49), 20), run((50, 99), 25, cache="uniform")])) == 2
