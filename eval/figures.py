@@ -120,10 +120,23 @@ COLORS = {"none": "black", "uniform": "tab:gray", "unified_acs": "tab:blue", "bl
           "bac": "tab:green"}
 
 
-def hz_success(result_dirs: list[Path], out: Path, hz_key: str = "inference_hz") -> Path:
-    summaries = [json.loads(p.read_text()) for d in result_dirs for p in sorted(d.rglob("summary.json"))]
+def hz_success(result_dirs: list[Path], out: Path, hz_key: str = "inference_hz", bench_dirs: list[Path] = ()) -> Path:
+    """Success (95% CI) against frequency per offline config. With ``bench_dirs`` (eval/bench.py folders), a
+    config's inference Hz is its bench latency (one process, interleaved rounds) instead of the latency its own
+    rollout process measured, which depends on what else ran then; configs missing from the bench are left out."""
+    from eval.report import bench_rows, load, merge_runs, run_key
+
+    summaries = [s for s in merge_runs(load(result_dirs)) if s.get("loop", "offline") == "offline"]  # runs on more seeds: one point
+    if bench_dirs:
+        bench, hz_key, joined = bench_rows(list(bench_dirs)), "bench_hz", []
+        for s in summaries:
+            b = bench.get((s["task"], f"{s.get('scheduler')}-{s.get('num_inference_steps')}", run_key(s)))
+            if b is not None:
+                joined.append(dict(s, bench_hz=1000 / b["latency_ms"]["p50"], device=b["_meta"]["device"]))
+        summaries = joined
     if not summaries:
-        raise FileNotFoundError(f"no summary.json under {[str(d) for d in result_dirs]}")
+        raise FileNotFoundError(f"no offline summary.json under {[str(d) for d in result_dirs]}"
+                                + (f" with a bench row under {[str(d) for d in bench_dirs]}" if bench_dirs else ""))
     tasks = sorted({s["task"] for s in summaries})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.0), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -133,11 +146,14 @@ def hz_success(result_dirs: list[Path], out: Path, hz_key: str = "inference_hz")
             label = s["cache"] + (f" (S={sched['n_updates']}" if sched.get("n_updates") else "")
             if sched.get("n_updates"):
                 label += (f", n={sched['n_bubble']})" if s["cache"] == "bac" and sched.get("n_bubble") else ")")
+            marker = {1: "o", 5: "s"}.get(sched.get("n_bubble"), "D") if s["cache"] == "bac" else "o"
             ax.errorbar(s[hz_key], s["success_rate"], yerr=[[s["success_rate"] - lo], [hi - s["success_rate"]]],
-                        fmt="o", capsize=4, color=COLORS.get(s["cache"]), label=label, ms=7)
+                        fmt=marker, capsize=4, color=COLORS.get(s["cache"]), label=label, ms=7)
         ax.set_xlim(left=0)
-        ax.set_xlabel(f"{hz_key.replace('_', ' ')}, batch 1 ({summaries[0]['device'].split(',')[0]})")
-        ax.set_ylabel("success rate, 50 episodes (95% CI)")
+        shown = "inference hz in eval/bench.py" if hz_key == "bench_hz" else hz_key.replace("_", " ")
+        ax.set_xlabel(f"{shown}, batch 1 ({summaries[0]['device'].split(',')[0]})")
+        episodes = sorted({s["n_episodes"] for s in summaries if s["task"] == task})
+        ax.set_ylabel(f"success rate, {'/'.join(map(str, episodes))} episodes (95% CI)")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{task}: DDPM-100, offline loop")
         ax.grid(alpha=0.3)
@@ -246,6 +262,7 @@ def main(argv=None) -> None:
     z.add_argument("results", nargs="+")
     z.add_argument("--out", required=True)
     z.add_argument("--hz", default="inference_hz", choices=["inference_hz", "control_hz"])
+    z.add_argument("--bench", nargs="*", default=[], help="eval/bench.py folders: take each config's Hz from there")
     r = sub.add_parser("realtime")
     r.add_argument("results", nargs="+")
     r.add_argument("--offline", nargs="*", default=[], help="folders with the offline runs of the same configs")
@@ -267,7 +284,7 @@ def main(argv=None) -> None:
     elif a.cmd == "realtime":
         path = realtime([Path(x) for x in a.results], [Path(x) for x in a.offline], Path(a.out))
     else:
-        path = hz_success([Path(r) for r in a.results], Path(a.out), a.hz)
+        path = hz_success([Path(r) for r in a.results], Path(a.out), a.hz, [Path(b) for b in a.bench])
     print(f"wrote {path}")
 
 

@@ -138,11 +138,15 @@ def bench_table(dirs: list[Path], name: str | None = None) -> str:
 IGNORED_KNOBS = ("n_obs", "schedule")  # knobs that do not change what a method computes at run time
 
 
+UNUSED_KNOBS = {"uniform": ("n_bubble", "metric"), "unified_acs": ("n_bubble",), "blockwise_acs": ("n_bubble",)}
+
+
 def cache_key(name: str, knobs: dict | None) -> tuple:
-    """A cache config's identity across eval/run.py summaries and eval/bench.py rows."""
+    """A cache config's identity across eval/run.py summaries and eval/bench.py rows (knobs that a method
+    reads from the shared cache config but does not use, such as n_bubble for uniform, are left out)."""
     knobs = knobs or {}
-    return (name, tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in knobs.items()
-                               if k not in IGNORED_KNOBS + ("name",))))
+    skip = IGNORED_KNOBS + ("name",) + UNUSED_KNOBS.get(name, ())
+    return (name, tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in knobs.items() if k not in skip)))
 
 
 def knob_label(name: str, knobs: dict | None) -> str:
@@ -171,6 +175,16 @@ def bench_rows(dirs: list[Path]) -> dict:
     return out
 
 
+def run_key(r: dict) -> tuple:
+    """``cache_key`` of a rollout summary. Summaries written before ``cache_config`` was recorded carry the
+    knobs in their schedule's stats instead."""
+    cfg = r.get("cache_config")
+    if cfg is None:
+        sched = (r.get("cache_stats") or {}).get("schedule", {})
+        cfg = {k: sched[k] for k in ("n_updates", "n_bubble", "metric") if sched.get(k) is not None}
+    return cache_key(r["cache"], cfg if r["cache"] != "none" else {})
+
+
 def method_rows(rows: list[dict], bench: dict) -> list[dict]:
     """Offline rollouts joined with the benchmark row of the same config (speedup, action error)."""
     out = []
@@ -178,8 +192,7 @@ def method_rows(rows: list[dict], bench: dict) -> list[dict]:
         if r.get("loop", "offline") != "offline":
             continue
         cfg = r.get("cache_config") or {"name": r["cache"]}
-        key = cache_key(r["cache"], cfg if r["cache"] != "none" else {})
-        b = bench.get((r["task"], f"{r.get('scheduler')}-{r.get('num_inference_steps')}", key), {})
+        b = bench.get((r["task"], f"{r.get('scheduler')}-{r.get('num_inference_steps')}", run_key(r)), {})
         out.append({"task": r["task"], "cache": r["cache"], "knobs": knob_label(r["cache"], cfg),
                     "n": r["n_episodes"], "success": r["success_rate"], "ci": r["success_ci95"],
                     "flops_ratio": r.get("flops_ratio", 1.0), "speedup": b.get("speedup"),
