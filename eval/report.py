@@ -65,7 +65,8 @@ def realtime_table(rows: list[dict]) -> str:
 
 
 def merge_runs(rows: list[dict]) -> list[dict]:
-    """Offline runs of one config on disjoint seed ranges (same task, checkpoint, sampler, cache and knobs) as one
+    """Offline runs of one config on disjoint seed ranges (same task, checkpoint path and model hash where the
+    summaries record it, sampler, cache and knobs) as one
     row: successes and episodes summed and the Wilson interval recomputed; latency and Hz are the runs' means
     weighted by episodes (each run measured its own). ``seeds`` becomes the list of ranges."""
     from bac.metrics import wilson_interval
@@ -75,8 +76,9 @@ def merge_runs(rows: list[dict]) -> list[dict]:
         if r.get("loop", "offline") != "offline":
             continue
         sched = (r.get("cache_stats") or {}).get("schedule", {})
-        key = json.dumps([r["task"], r.get("checkpoint"), r.get("scheduler"), r.get("num_inference_steps"), r["cache"],
-                          sched.get("n_updates"), sched.get("n_bubble"), sched.get("metric"), r.get("device")])
+        key = json.dumps([r["task"], r.get("checkpoint"), r.get("model_hash"), r.get("scheduler"),
+                          r.get("num_inference_steps"), r["cache"], sched.get("n_updates"), sched.get("n_bubble"),
+                          sched.get("metric"), r.get("device")])
         groups.setdefault(key, []).append(r)
     out = []
     for group in groups.values():

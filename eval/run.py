@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from bac.engine import fingerprint  # noqa: E402
 from bac.metrics import latency_stats, wilson_interval  # noqa: E402
 from bac.loop import LatencyModel, LoopConfig, Watchdog, run_wallclock, simulate  # noqa: E402
 from bac.rollout import BatchTiming, EpisodeResult, ObsHistory  # noqa: E402
@@ -244,6 +245,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "batched_call_ms": round(1e3 * float(np.median(timing.policy_call_s)), 1) if timing.policy_call_s else None,
         "mean_episode_steps": float(np.mean([r.steps for r in results])),
         "checkpoint": str(cfg.policy.checkpoint),
+        "model_hash": fingerprint(policy.model),  # which weights: a checkpoint folder can be retrained in place
         "scheduler": pc.scheduler,
         "num_inference_steps": pc.num_inference_steps,
         "n_action_steps": pc.n_action_steps,

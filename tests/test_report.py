@@ -28,3 +28,5 @@ def test_overlapping_seeds_or_other_knobs_stay_apart():
     assert len(merge_runs([run((0, 49), 20), run((25, 74), 21)])) == 2  # the same episodes twice
     assert len(merge_runs([run((0, 49), 20), run((50, 99), 25, n_bubble=1)])) == 2
     assert len(merge_runs([run((0, 49), 20), run((50, 99), 25, cache="uniform")])) == 2
+    retrained = dict(run((50, 99), 25), model_hash="b")  # the same folder, other weights
+    assert len(merge_runs([dict(run((0, 49), 20), model_hash="a"), retrained])) == 2

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 import eval.collect as collect
 import eval.run as run
 import eval.train as train
+from bac.engine import fingerprint
+from policies import load_policy
 from tests.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,6 +173,7 @@ def test_calibrate_bench_and_cached_rollouts(toy_checkpoint, tmp_path):
     summary = run.evaluate(compose_cfg(*base, "cache=bac", "eval.n_episodes=10", "eval.n_envs=10",
                                        "eval.latency_trials=2"), tmp_path / "run")
     assert summary["cache"] == "bac" and 0 < summary["flops_ratio"] < 1
+    assert summary["model_hash"] == fingerprint(load_policy(toy_checkpoint).model)
     assert summary["cache_stats"]["reused"] and sum(summary["cache_stats"]["reused"]) > 0
     import eval.figures as figures
 
