@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 ORDER = ["none", "uniform", "unified_acs", "blockwise_acs", "bac"]
 
 
@@ -75,10 +76,8 @@ def merge_runs(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r.get("loop", "offline") != "offline":
             continue
-        sched = (r.get("cache_stats") or {}).get("schedule", {})
         key = json.dumps([r["task"], r.get("checkpoint"), r.get("model_hash"), r.get("scheduler"),
-                          r.get("num_inference_steps"), r["cache"], sched.get("n_updates"), sched.get("n_bubble"),
-                          sched.get("metric"), r.get("device")])
+                          r.get("num_inference_steps"), run_key(r), r.get("device")])
         groups.setdefault(key, []).append(r)
     out = []
     for group in groups.values():

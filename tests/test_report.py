@@ -28,5 +28,8 @@ def test_overlapping_seeds_or_other_knobs_stay_apart():
     assert len(merge_runs([run((0, 49), 20), run((25, 74), 21)])) == 2  # the same episodes twice
     assert len(merge_runs([run((0, 49), 20), run((50, 99), 25, n_bubble=1)])) == 2
     assert len(merge_runs([run((0, 49), 20), run((50, 99), 25, cache="uniform")])) == 2
+    teacache = [dict(run(seeds, 20, cache="teacache"), cache_stats={}, cache_config={"name": "teacache", "delta": d})
+                for seeds, d in (((0, 49), 0.4), ((50, 99), 0.8))]
+    assert len(merge_runs(teacache)) == 2  # knobs outside any schedule count too
     retrained = dict(run((50, 99), 25), model_hash="b")  # the same folder, other weights
     assert len(merge_runs([dict(run((0, 49), 20), model_hash="a"), retrained])) == 2

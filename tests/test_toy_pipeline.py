@@ -169,7 +169,7 @@ def test_calibrate_bench_and_cached_rollouts(toy_checkpoint, tmp_path):
     saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert {"cache", "latency_ms", "speedup", "flops_ratio", "action_mse", "device"} <= set(saved["rows"][0])
     assert 0 < saved["meta"]["floor_ms_per_step"] < saved["meta"]["uncached_ms_per_step"]
-    assert all(1 < r["floor_ceiling"] < 1 / r["flops_ratio"] for c, r in by.items() if c != "none")
+    assert all(1 <= r["floor_ceiling"] <= 1 / r["flops_ratio"] for c, r in by.items() if c != "none")
     summary = run.evaluate(compose_cfg(*base, "cache=bac", "eval.n_episodes=10", "eval.n_envs=10",
                                        "eval.latency_trials=2"), tmp_path / "run")
     assert summary["cache"] == "bac" and 0 < summary["flops_ratio"] < 1
