@@ -105,6 +105,7 @@ class CacheEngine:
         if fuse_layers:
             self._find_layers(getattr(model, "cache_layers", None))
         self._layer_reuse: list[list[bool]] | None = None
+        self._reuse_by_step: list[tuple[bool, ...]] | None = None
         # A stack declared by the model (``cache_stack``: a module whose forward applies the ``cache_layers``
         # in order, ``x = layer(x, *args, **kwargs)``) is run by the engine itself, so a reused layer costs
         # one add instead of a module call, a wrapper and the add, and a computing layer runs its own forward
@@ -171,23 +172,31 @@ class CacheEngine:
         return fused
 
     def _make_stack_wrapper(self, original: Callable) -> Callable:
-        layers, forwards = self._layers, self._layer_forwards
+        plan = [(li, layer, idxs[0], fwd) for li, ((layer, idxs), fwd) in enumerate(zip(self._layers, self._layer_forwards))]
 
         def stack_wrapper(x, *args, **kwargs):
             s = self._session
             if s is None or s.mask is None:
                 return original(x, *args, **kwargs)
             k = s.k
-            reuse, cache, fused, counts = self._layer_reuse, s.cache, s.fused, self._layer_reused
-            for li, (layer, idxs) in enumerate(layers):
-                if reuse[li][k] and cache[idxs[0]] is not None:
+            reuse, cache, fused, counts = self._reuse_by_step[k], s.cache, s.fused, self._layer_reused
+            owned = False  # x was made by an add below (not the caller's, not a layer's): later adds go in place
+            for li, layer, first, forward in plan:
+                if reuse[li] and cache[first] is not None:
                     f = fused[li]
-                    x = x + (f if f is not None else self._fused_delta(s, li))  # the layer wrapper's add alone
+                    if f is None:
+                        f = self._fused_delta(s, li)
+                    if owned:
+                        x.add_(f)  # the layer wrapper's add alone, without a new tensor: the same bits
+                    else:
+                        x, owned = x + f, True
                     counts[li][k] += 1
-                elif layer._forward_hooks or layer._forward_pre_hooks:
-                    x = layer(x, *args, **kwargs)
-                else:  # the layer's own forward: its blocks' wrappers decide, no module call or layer wrapper
-                    x = forwards[li](x, *args, **kwargs)
+                else:
+                    owned = False
+                    if layer._forward_hooks or layer._forward_pre_hooks:
+                        x = layer(x, *args, **kwargs)
+                    else:  # the layer's own forward: its blocks' wrappers decide, no module call or layer wrapper
+                        x = forward(x, *args, **kwargs)
             return x
 
         return stack_wrapper
@@ -284,6 +293,7 @@ class CacheEngine:
         self._mask_list = [mask[index[b.name]].tolist() for b in self.blocks]
         K = mask.shape[1]
         self._layer_reuse = [[not any(self._mask_list[b][k] for b in idxs) for k in range(K)] for _, idxs in self._layers]
+        self._reuse_by_step = [tuple(row[k] for row in self._layer_reuse) for k in range(K)]  # [K][n_layers]
         self.schedule = schedule
 
     @contextmanager

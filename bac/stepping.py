@@ -15,11 +15,8 @@ DDPMScheduler (epsilon, fixed_small variance, clip or no clip) and DDIMScheduler
 from __future__ import annotations
 
 import weakref
-from typing import Callable
 
 import torch
-
-FastStep = Callable[[torch.Tensor, int, torch.Tensor, torch.Generator | None], torch.Tensor]
 
 
 def _draw_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -69,7 +66,7 @@ def _coefficients(scheduler) -> list[tuple] | None:
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def fast_step_for(scheduler) -> FastStep | None:
+def fast_step_for(scheduler) -> "FastStep | None":
     """``make_fast_step`` memoized per scheduler object and timestep sequence."""
     key = tuple(scheduler.timesteps.tolist())
     hit = _CACHE.get(scheduler)
@@ -79,34 +76,76 @@ def fast_step_for(scheduler) -> FastStep | None:
     return hit[1]
 
 
-def make_fast_step(scheduler) -> FastStep | None:
+def make_fast_step(scheduler) -> "FastStep | None":
     """After ``scheduler.set_timesteps``: ``step(eps, k, x_t, generator) -> x_prev``, or None if unsupported."""
     coeffs = _coefficients(scheduler)
     if coeffs is None:
         return None
-    clip = scheduler.config.clip_sample
-    clip_range = getattr(scheduler.config, "clip_sample_range", 1.0)
-
-    def step(eps: torch.Tensor, k: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        b, a, c, d, e, s = coeffs[k]
-        x0 = (x - b * eps) / a
-        if clip:
-            x0 = x0.clamp(-clip_range, clip_range)
-        out = c * x0
-        if d is not None:
-            out = out + d * x
-        if e is not None:
-            out = out + e * eps
-        if s is not None:
-            out = out + s * _draw_noise(x, generator)
-        return out
-
+    step = FastStep(coeffs, scheduler.config.clip_sample, getattr(scheduler.config, "clip_sample_range", 1.0))
     if not _agrees_with(scheduler, step):
         return None
     return step
 
 
-def _agrees_with(scheduler, step: FastStep) -> bool:
+class FastStep:
+    """One scheduler's reverse steps as tensor ops: ``step(eps, k, x, generator, z=None) -> x_prev``.
+
+    ``z`` is step k's fresh noise when the caller drew it ahead (see :meth:`draw_noise`); otherwise the step
+    draws it from ``generator`` as diffusers does.
+    """
+
+    def __init__(self, coeffs: list[tuple], clip: bool, clip_range: float):
+        self.coeffs, self.clip, self.clip_range = coeffs, clip, clip_range
+        self.noisy = [c[5] is not None for c in coeffs]  # the steps that draw fresh noise
+
+    def __call__(self, eps: torch.Tensor, k: int, x: torch.Tensor, generator: torch.Generator | None,
+                 z: torch.Tensor | None = None) -> torch.Tensor:
+        # The same ops in the same order as the formula above, but in place on the tensors made here
+        # (never on x or eps, which the caller and hooks may still hold): an allocation costs as much as
+        # the op itself at action-chunk sizes.
+        b, a, c, d, e, s = self.coeffs[k]
+        out = x - b * eps
+        out.div_(a)
+        if self.clip:
+            out.clamp_(-self.clip_range, self.clip_range)
+        out.mul_(c)
+        if d is not None:
+            out.add_(d * x)
+        if e is not None:
+            out.add_(e * eps)
+        if s is not None:
+            out.add_(_draw_noise(x, generator).mul_(s) if z is None else z * s)
+        return out
+
+    def draw_noise(self, x: torch.Tensor, generator: torch.Generator | None) -> list[torch.Tensor | None] | None:
+        """The fresh noise of every step of a run from ``x`` (the initial sample), drawn in one call instead of
+        one per step, or None where that would not give the same numbers: without an explicit generator
+        (other code may draw from the global one between steps), or where one draw of n samples is not n
+        draws in a row (checked once per shape, dtype and device; true of a CPU generator for sizes that
+        are multiples of 16, false of CUDA's). Index the list by step: None at the steps that draw none."""
+        n = sum(self.noisy)
+        if generator is None or n < 2 or not _draws_concatenate(tuple(x.shape), x.dtype, generator.device):
+            return None
+        zs = iter(torch.randn((n, *x.shape), generator=generator, device=generator.device, dtype=x.dtype)
+                  .to(x.device).unbind(0))
+        return [next(zs) if noisy else None for noisy in self.noisy]
+
+
+_CONCAT: dict[tuple, bool] = {}
+
+
+def _draws_concatenate(shape: tuple, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether one ``randn((3, *shape))`` gives the same numbers as three ``randn(shape)`` in a row."""
+    key = (shape, dtype, str(device))
+    if key not in _CONCAT:
+        g1, g2 = (torch.Generator(device=device).manual_seed(1234) for _ in range(2))
+        once = torch.randn((3, *shape), generator=g1, device=device, dtype=dtype)
+        each = torch.stack([torch.randn(shape, generator=g2, device=device, dtype=dtype) for _ in range(3)])
+        _CONCAT[key] = bool(torch.equal(once, each))
+    return _CONCAT[key]
+
+
+def _agrees_with(scheduler, step: "FastStep") -> bool:
     """Compare with ``scheduler.step`` on random inputs at the first, a middle and the last step."""
     g = torch.Generator().manual_seed(0)
     x, eps = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 3, generator=g)

@@ -145,9 +145,9 @@ class DiffusionTransformerPolicy(nn.Module):
         time_tokens = self.model.encode_time(self.noise_scheduler.timesteps)  # (K, 1, n_emb)
         memory = self.model.memory(obs_tokens, time_tokens)  # (K, B, 1 + To, n_emb)
         noise = torch.randn((B, c.horizon, c.action_dim), generator=generator, device=self.device)
-        memories = memory.unbind(0)  # K views made at once, not one indexing op per step
+        # K memory views made at once, and the per-step modules looked up once (see TransformerForDiffusion.denoiser)
         naction = denoise(
-            lambda x, t, k: self.model(x, t, memory=memories[k]),
+            self.model.denoiser(memory.unbind(0)),
             self.noise_scheduler,
             noise,
             c.num_inference_steps,

@@ -11,10 +11,13 @@ Shapes: B batch, T horizon, To observation steps, Da action dim, Do observation 
 from __future__ import annotations
 
 import math
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bac.modcall import bind, needs_module_call
 
 
 def _dropout(drop: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
@@ -216,3 +219,20 @@ class TransformerForDiffusion(nn.Module):
         x = self.input_emb(sample) + (self.pos_emb if T == self.horizon else self.pos_emb[:, :T])
         x = self.decoder(_dropout(self.drop, x), memory, self.mask, self.memory_mask)
         return self.head(self.ln_f(x))
+
+    def denoiser(self, memories: Sequence[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+        """``f(x, t, k)``: the predicted noise for the noisy trajectory ``x`` at step ``k`` of one sampling run,
+        given the run's per-step memories (``memory(...).unbind(0)``, which hold ``t``). The same ops as
+        ``self(x, t, memory=memories[k])``, so the same bits, with the modules and tensors used at every step
+        looked up once per run (``bac.modcall.bind``): with the decoder's layers reused by a cache, module
+        calls and attribute lookups would otherwise be a sizeable share of a step on a CPU."""
+        if self.training or self.drop.training or needs_module_call(self):
+            return lambda x, t, k: self(x, t, memory=memories[k])
+        input_emb, decoder, ln_f, head = (bind(m) for m in (self.input_emb, self.decoder, self.ln_f, self.head))
+        pos, mask, memory_mask, horizon = self.pos_emb, self.mask, self.memory_mask, self.horizon
+
+        def step(x: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:  # forward's body, in eval mode
+            h = input_emb(x) + (pos if x.shape[1] == horizon else pos[:, : x.shape[1]])
+            return head(ln_f(decoder(h, memories[k], mask, memory_mask)))
+
+        return step

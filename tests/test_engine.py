@@ -264,13 +264,20 @@ def test_stack_calls_a_hooked_layer_as_a_module():
     scheduler, K, model_hash = policy_signature(policy)
     blocks = [info.name for _, _, info in find_blocks(policy.model)]
     schedule = uniform(blocks, K, 4, scheduler=scheduler, model_hash=model_hash)
+    # layer 1 also computes at step 1, where layer 2 reuses: its add then follows a hooked layer's output
+    schedule.steps.update({b: sorted({*schedule.steps[b], 1}) for b in blocks if b.startswith("decoder.layers.1.")})
     reference = None
     for hooked in (False, True):
         engine = attach(policy.model, schedule)
         policy.step_cursor = engine
-        calls = []
+        calls, held = [], []
         layer = policy.model.decoder.layers[1]
-        handle = layer.register_forward_hook(lambda m, args, out: calls.append(1)) if hooked else None
+
+        def hook(module, args, output):  # keeps the layer's output and a copy: nothing may change it later
+            calls.append(1)
+            held.append((output, output.clone()))
+
+        handle = layer.register_forward_hook(hook) if hooked else None
         out = act(policy, obs())
         engine.detach()
         policy.step_cursor = None
@@ -281,3 +288,4 @@ def test_stack_calls_a_hooked_layer_as_a_module():
     assert torch.equal(out, reference)  # the hook only observes
     rows = [i for i, b in enumerate(blocks) if b.startswith("decoder.layers.1.")]
     assert len(calls) == int(schedule.to_mask()[rows].any(0).sum()) > 0
+    assert all(torch.equal(kept, copy) for kept, copy in held)  # reused layers add in place only on their own sums
