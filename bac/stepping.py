@@ -64,6 +64,7 @@ def _coefficients(scheduler) -> list[tuple] | None:
 
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+MAX_PREDRAW_BYTES = 2**24  # FastStep.draw_noise draws a whole run's step noise at once up to this size
 
 
 def fast_step_for(scheduler) -> "FastStep | None":
@@ -119,12 +120,17 @@ class FastStep:
 
     def draw_noise(self, x: torch.Tensor, generator: torch.Generator | None) -> list[torch.Tensor | None] | None:
         """The fresh noise of every step of a run from ``x`` (the initial sample), drawn in one call instead of
-        one per step, or None where that would not give the same numbers: without an explicit generator
-        (other code may draw from the global one between steps), or where one draw of n samples is not n
-        draws in a row (checked once per shape, dtype and device; true of a CPU generator for sizes that
-        are multiples of 16, false of CUDA's). Index the list by step: None at the steps that draw none."""
+        one per step (a few us each at action-chunk sizes), or None where that would not give the same
+        numbers: without an explicit generator (other code may draw from the global one between steps), or
+        where one draw of n samples is not n draws in a row (checked once per shape, dtype and device, never
+        assumed; a CPU generator fills blocks of 16 numbers, so it holds there for sizes that are multiples of
+        16, as every chunk of horizon 16 is). Also None where the draws would take more than
+        ``MAX_PREDRAW_BYTES`` (large image or video latents, whose per-step draw costs far more than a call).
+        Index the list by step: None at the steps that draw none."""
         n = sum(self.noisy)
-        if generator is None or n < 2 or not _draws_concatenate(tuple(x.shape), x.dtype, generator.device):
+        if generator is None or n < 2 or n * x.numel() * x.element_size() > MAX_PREDRAW_BYTES:
+            return None
+        if not _draws_concatenate(tuple(x.shape), x.dtype, generator.device):
             return None
         zs = iter(torch.randn((n, *x.shape), generator=generator, device=generator.device, dtype=x.dtype)
                   .to(x.device).unbind(0))

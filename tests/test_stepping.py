@@ -39,6 +39,7 @@ def test_step_noise_is_drawn_at_once_only_where_that_changes_nothing():
     assert all(torch.equal(z, torch.randn(2, 16, 7, generator=g2)) for z in zs[:-1])
     assert step.draw_noise(torch.zeros(1, 3, 5), g) is None  # 15 numbers: the draws would differ
     assert step.draw_noise(torch.zeros(2, 16, 7), None) is None  # the global generator: other code may draw
+    assert step.draw_noise(torch.zeros(1, 16, 2**15), g) is None  # 9 draws of 2 MB: over MAX_PREDRAW_BYTES
 
 
 def test_step_leaves_its_inputs_alone():
