@@ -104,8 +104,7 @@ class CacheEngine:
         self._layer_of: list[int | None] = [None] * len(self.blocks)
         if fuse_layers:
             self._find_layers(getattr(model, "cache_layers", None))
-        self._layer_reuse: list[list[bool]] | None = None
-        self._reuse_by_step: list[tuple[bool, ...]] | None = None
+        self._reuse_by_step: list[tuple[bool, ...]] | None = None  # [K][n_layers]: every block of the layer reuses
         # A stack declared by the model (``cache_stack``: a module whose forward applies the ``cache_layers``
         # in order, ``x = layer(x, *args, **kwargs)``) is run by the engine itself, so a reused layer costs
         # one add instead of a module call, a wrapper and the add, and a computing layer runs its own forward
@@ -206,7 +205,7 @@ class CacheEngine:
 
         def layer_wrapper(x, *args, **kwargs):
             s = self._session
-            if s is None or s.mask is None or not self._layer_reuse[li][s.k] or s.cache[idxs[0]] is None:
+            if s is None or s.mask is None or not self._reuse_by_step[s.k][li] or s.cache[idxs[0]] is None:
                 return original(x, *args, **kwargs)
             self._layer_reused[li][s.k] += 1
             return x + self._fused_delta(s, li)
@@ -292,8 +291,8 @@ class CacheEngine:
         index = {name: i for i, name in enumerate(schedule.blocks)}
         self._mask_list = [mask[index[b.name]].tolist() for b in self.blocks]
         K = mask.shape[1]
-        self._layer_reuse = [[not any(self._mask_list[b][k] for b in idxs) for k in range(K)] for _, idxs in self._layers]
-        self._reuse_by_step = [tuple(row[k] for row in self._layer_reuse) for k in range(K)]  # [K][n_layers]
+        self._reuse_by_step = [tuple(not any(self._mask_list[b][k] for b in idxs) for _, idxs in self._layers)
+                               for k in range(K)]
         self.schedule = schedule
 
     @contextmanager

@@ -43,15 +43,16 @@ def denoise(
     fast_step = fast_step_for(scheduler) if fast else None  # DDPM/DDIM as precomputed tensor ops
     x = noise
     timesteps = scheduler.timesteps.unbind(0)  # K 0-d views made at once, not one indexing op per step
-    # The steps' fresh noise in one draw where that gives the same numbers (see FastStep.draw_noise).
-    zs = fast_step.draw_noise(noise, generator) if fast_step is not None else None
+    # The steps' fresh noise in one draw where that gives the same numbers (see FastStep.draw_noise);
+    # None for a step that draws its own.
+    zs = (fast_step.draw_noise(noise, generator) if fast_step is not None else None) or [None] * len(timesteps)
     with cursor.session(len(timesteps)) if cursor is not None else nullcontext():
         for k, t in enumerate(timesteps):
             if cursor is not None:
                 cursor.step(k, t)
             out = model_fn(x, t, k)
             if fast_step is not None:
-                x = fast_step(out, k, x, generator, zs[k] if zs is not None else None)
+                x = fast_step(out, k, x, generator, zs[k])
             else:
                 x = scheduler.step(out, t, x, generator=generator).prev_sample
     return x

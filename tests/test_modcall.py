@@ -45,7 +45,7 @@ def test_bind_steps_aside_for_hooks_overrides_and_subclasses():
 def test_denoiser_is_forward_and_runs_hooks():
     torch.manual_seed(0)
     model = TransformerForDiffusion(input_dim=3, output_dim=3, horizon=8, n_obs_steps=2, cond_dim=5,
-                                    n_layer=2, n_emb=32, n_head=4).eval()
+                                    n_layer=2, n_emb=32, n_head=4, p_drop_emb=0.1).eval()
     timesteps = torch.tensor([90, 50, 10])
     memory = model.memory(model.encode_obs(torch.randn(2, 2, 5)), model.encode_time(timesteps))
     memories = memory.unbind(0)
@@ -59,5 +59,13 @@ def test_denoiser_is_forward_and_runs_hooks():
         out = model.denoiser(memories)(x, timesteps[1], 1)
         handle.remove()
         assert len(seen) == 1 and torch.equal(out, want[1])
-        model.train()  # dropout active: the module call, whatever the denoiser would bind
-        assert model.denoiser(memories).__name__ == "<lambda>"
+        calls = []
+        handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))  # a hook on the model itself
+        assert torch.equal(model.denoiser(memories)(x, timesteps[2], 2), want[2]) and calls == [1]
+        handle.remove()
+        model.train()  # dropout active: the denoiser draws the same dropout masks as forward
+        torch.manual_seed(5)
+        train_out = model.denoiser(memories)(x, timesteps[0], 0)
+        torch.manual_seed(5)
+        assert torch.equal(train_out, model(x, timesteps[0], memory=memories[0]))
+        assert not torch.equal(train_out, want[0])
