@@ -313,7 +313,10 @@ def simulate(
             histories = [streams[i].history.stacked() for i in ask]
             batch = {k: np.stack([h[k] for h in histories]) for k in histories[0]}
             t0 = time.perf_counter()
-            chunks = np.asarray(predict(batch))  # (B, Ta', Da)
+            if getattr(predict, "takes_context", False):  # e.g. bac.warmstart: which streams ask, and when
+                chunks = np.asarray(predict(batch, {"streams": [seeds[i] for i in ask], "tick": tick}))
+            else:
+                chunks = np.asarray(predict(batch))  # (B, Ta', Da)
             timing.policy_call_s.append(time.perf_counter() - t0)
             timing.batch_sizes.append(len(ask))
             if chunks.ndim != 3 or chunks.shape[0] != len(ask):

@@ -1,13 +1,19 @@
 """Calibrate a checkpoint for caching: record every block at every denoising step, save the similarities.
 
     python eval/calibrate.py env=robomimic env.task=lift              # the shipped Lift policy, DDPM-100
+    python eval/calibrate.py env=robomimic env.task=can policy.scheduler=ddim policy.num_inference_steps=10
     python eval/calibrate.py env=robomimic calibrate.n_obs=16 calibrate.dataset=data/lift.hdf5
 
-Runs the uncached policy on ``calibrate.n_obs`` observations drawn from the training demos, records each
+Runs the uncached policy on ``calibrate.n_obs`` observations, records each
 block's residual delta at each of the K steps, and writes ``<checkpoint>/calibration/<Scheduler>_K<K>.npz``
 (per-block K x K matrices for every metric, Bubbling Union scores), the observations themselves
 (``calib_obs.npz``: TeaCache, HyCa and ERTACache fit on an uncached run over them), plus schedule JSONs for the
 calibrated methods at the budgets in ``calibrate.n_updates`` under ``<checkpoint>/schedules/``.
+
+Where the observations come from: with ``calibrate.dataset`` unset and a checkpoint that already has
+``calibration/calib_obs.npz`` (every shipped one does), the same observations again, so that every
+(sampler, K) of a checkpoint is calibrated on one set and a fresh clone needs no demos; otherwise
+``calibrate.n_obs`` observations drawn from the training demos (and a held-out set for eval/bench.py).
 """
 from __future__ import annotations
 
@@ -49,6 +55,18 @@ def calibration_obs(policy, dataset: Path, n_obs: int, seed: int) -> dict[str, t
     return dict(zip(c.obs_keys, obs.split(c.obs_dims, dim=-1)))
 
 
+def shipped_obs(policy, ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The observations of the checkpoint's first calibration (``calib_obs.npz``) and their source record."""
+    path = calib_obs_path(ckpt)
+    with np.load(path, allow_pickle=False) as z:
+        missing = [k for k in policy.config.obs_keys if k not in z.files]
+        if missing:
+            raise ValueError(f"{path} lacks observation keys {missing}; recalibrate with calibrate.dataset=<hdf5>")
+        obs = {k: torch.from_numpy(z[k]) for k in policy.config.obs_keys}
+    n = next(iter(obs.values())).shape[0]
+    return obs, {"calib_obs": str(path.relative_to(ckpt)), "n_obs": n}
+
+
 def record_features(policy, obs: dict[str, torch.Tensor], seed: int):
     """Run the uncached policy once on the batch; returns (blocks, {name: (K, N, T*D) float32})."""
     blocks, features, _ = record_trajectory(policy, obs, seed)
@@ -60,20 +78,27 @@ def calibrate(cfg: DictConfig) -> Path:
     ckpt = Path(cfg.policy.checkpoint)
     ckpt = ckpt if ckpt.is_absolute() or ckpt.exists() else ROOT / ckpt
     policy = load_policy(ckpt, num_inference_steps=cfg.policy.num_inference_steps, scheduler=cfg.policy.scheduler)
-    dataset = cfg.calibrate.dataset or json.loads((ckpt / "train_record.json").read_text())["dataset"]
-    dataset = Path(dataset) if Path(dataset).is_absolute() or Path(dataset).exists() else ROOT / dataset
     scheduler, K, model_hash = policy_signature(policy)
     t0 = time.time()
-    obs = calibration_obs(policy, dataset, int(cfg.calibrate.n_obs), int(cfg.calibrate.seed))
+    calibration_path(ckpt, scheduler, K).parent.mkdir(parents=True, exist_ok=True)
+    if cfg.calibrate.dataset is None and calib_obs_path(ckpt).exists():
+        obs, source = shipped_obs(policy, ckpt)
+    else:
+        dataset = cfg.calibrate.dataset or json.loads((ckpt / "train_record.json").read_text())["dataset"]
+        dataset = Path(dataset) if Path(dataset).is_absolute() or Path(dataset).exists() else ROOT / dataset
+        if not dataset.exists():
+            raise FileNotFoundError(f"calibration dataset {dataset} does not exist and {calib_obs_path(ckpt)} is "
+                                    "missing; collect demos with eval/collect.py or pass calibrate.dataset=<hdf5>")
+        obs = calibration_obs(policy, dataset, int(cfg.calibrate.n_obs), int(cfg.calibrate.seed))
+        shown = dataset.relative_to(ROOT) if dataset.is_relative_to(ROOT) else dataset
+        source = {"dataset": str(shown), "n_obs": int(cfg.calibrate.n_obs), "seed": int(cfg.calibrate.seed)}
+        np.savez_compressed(calib_obs_path(ckpt), **{k: v.numpy() for k, v in obs.items()})  # for the fitted methods
+        held_out = calibration_obs(policy, dataset, int(cfg.calibrate.n_bench_obs), int(cfg.calibrate.seed) + 1)
+        np.savez_compressed(bench_obs_path(ckpt), **{k: v.numpy() for k, v in held_out.items()})
     blocks, features = record_features(policy, obs, int(cfg.calibrate.seed))
-    shown = dataset.relative_to(ROOT) if dataset.is_relative_to(ROOT) else dataset
-    source = {"dataset": str(shown), "n_obs": int(cfg.calibrate.n_obs), "seed": int(cfg.calibrate.seed)}
     calib = Calibration.from_features(features, blocks, scheduler=scheduler, model_hash=model_hash, source=source)
     out = calibration_path(ckpt, scheduler, K)
     calib.save(out)
-    np.savez_compressed(calib_obs_path(ckpt), **{k: v.numpy() for k, v in obs.items()})  # for the fitted methods
-    held_out = calibration_obs(policy, dataset, int(cfg.calibrate.n_bench_obs), int(cfg.calibrate.seed) + 1)
-    np.savez_compressed(bench_obs_path(ckpt), **{k: v.numpy() for k, v in held_out.items()})
     print(f"calibrated {len(blocks)} blocks x {K} steps on {source['n_obs']} observations in {time.time() - t0:.1f} s -> {out}")
     write_schedules(calib, ckpt, K, cfg.calibrate.n_updates, cfg.calibrate.n_bubble, str(cfg.cache.get("metric", "cosine")))
     return out
@@ -86,15 +111,23 @@ def write_schedules(calib: Calibration, ckpt: Path, K: int, n_updates, n_bubbles
     sched_dir.mkdir(exist_ok=True)
     n_bubbles = [n_bubbles] if isinstance(n_bubbles, int) else list(n_bubbles)
     paths = []
-    for S in n_updates:
+    for S in [s for s in n_updates if int(s) < K]:  # S >= K computes every step: nothing to schedule
         for method in SCHEDULE_METHODS:
             for n in (n_bubbles if method == "bac" else [0]):
                 schedule = calib.schedule(method, int(S), int(n), metric)
-                tag = f"{method}_S{S}" + (f"_n{n}" if method == "bac" else "") + f"_{schedule.metric}_K{K}"
+                tag = schedule_tag(schedule)
                 paths.append(sched_dir / f"{tag}.json")
                 schedule.save(paths[-1])
                 print(f"  {tag}: {schedule.computed_fraction():.3f} of block calls computed")
     return paths
+
+
+def schedule_tag(schedule) -> str:
+    """A schedule JSON's file name stem: method, S, n, metric, and the sampler and K it was made for (the
+    DDPM ones, shipped first, keep their names without the sampler)."""
+    sampler = "" if schedule.scheduler == "DDPMScheduler" else f"_{schedule.scheduler.removesuffix('Scheduler')}"
+    n = f"_n{schedule.n_bubble}" if schedule.method == "bac" else ""
+    return f"{schedule.method}_S{schedule.n_updates}{n}_{schedule.metric}{sampler}_K{schedule.num_steps}"
 
 
 @hydra.main(version_base=None, config_path=str(ROOT / "configs"), config_name="config")

@@ -30,6 +30,7 @@ from bac.engine import fingerprint  # noqa: E402
 from bac.metrics import latency_stats, wilson_interval  # noqa: E402
 from bac.loop import LatencyModel, LoopConfig, Watchdog, run_wallclock, simulate  # noqa: E402
 from bac.rollout import BatchTiming, EpisodeResult, ObsHistory  # noqa: E402
+from bac.warmstart import WarmStart  # noqa: E402
 from envs import make_env  # noqa: E402
 from policies import load_policy  # noqa: E402
 from policies.caching import cache_summary, enable_cache, make_cache, make_schedule  # noqa: E402
@@ -61,17 +62,19 @@ def check_env_matches_policy(env, policy) -> None:
         raise ValueError(f"env action dim {env.action_space.shape[-1]} != policy action dim {policy.config.action_dim}")
 
 
-def measure_latency(policy, sample_obs: dict[str, np.ndarray], trials: int, seed: int) -> list[float]:
-    """Time batch-1 ``predict_action`` on observations seen in the rollout (2 warm-up calls excluded)."""
+def measure_latency(policy, sample_obs: dict[str, np.ndarray], trials: int, seed: int, warm_start: int = 0) -> list[float]:
+    """Time batch-1 ``predict_action`` on observations seen in the rollout (2 warm-up calls excluded); with
+    ``warm_start`` = k0, the warm-started call (its guess: a cold prediction for the same observation)."""
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     n = next(iter(sample_obs.values())).shape[0]
     times = []
     for i in range(trials + 2):
         obs = {k: torch.from_numpy(v[i % n : i % n + 1]) for k, v in sample_obs.items()}
+        init = policy.predict_action(obs, generator=gen)["action_pred"] if warm_start else None
         if policy.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        policy.predict_action(obs, generator=gen)
+        policy.predict_action(obs, generator=gen, init_action=init, init_step=warm_start)
         if policy.device.type == "cuda":
             torch.cuda.synchronize()
         if i >= 2:
@@ -110,10 +113,22 @@ def build_cache(cfg: DictConfig, policy, checkpoint: Path, sample_obs) -> tuple[
     return name, schedule, budget
 
 
-def chunk_predictor(policy, n_chunk: int, seed: int):
-    """``predict(obs numpy) -> (B, n_chunk, Da)``: the predicted actions from the current observation's step on."""
+def chunk_predictor(policy, n_chunk: int, seed: int, warm_start: int = 0):
+    """``predict(obs numpy) -> (B, n_chunk, Da)``: the predicted actions from the current observation's step on.
+    With ``warm_start`` = k0 > 0, each stream's chunk starts from its previous one at step k0 (bac.warmstart)."""
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     start = policy.config.n_obs_steps - 1
+    if warm_start:
+        if not 0 < warm_start < policy.config.num_inference_steps:
+            raise ValueError(f"loop.warm_start must be in [0, num_inference_steps={policy.config.num_inference_steps}),"
+                             f" got {warm_start}")
+
+        def sample(batch: dict[str, np.ndarray], init: np.ndarray | None, k0: int) -> np.ndarray:
+            obs = {k: torch.from_numpy(v) for k, v in batch.items()}
+            init_t = None if init is None else torch.from_numpy(init)
+            return policy.predict_action(obs, generator=gen, init_action=init_t, init_step=k0)["action_pred"].cpu().numpy()
+
+        return WarmStart(sample, policy.config.n_obs_steps, n_chunk, int(warm_start))
 
     def predict(batch: dict[str, np.ndarray]) -> np.ndarray:
         obs = {k: torch.from_numpy(v) for k, v in batch.items()}
@@ -145,6 +160,18 @@ def probe_obs(env, policy, seed: int) -> dict[str, np.ndarray]:
 
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
+    if int(cfg.eval.n_episodes) < 1 or int(cfg.eval.n_envs) < 1:
+        raise ValueError(f"eval.n_episodes and eval.n_envs must be >= 1, got {cfg.eval.n_episodes} and {cfg.eval.n_envs}")
+    if cfg.loop.budget_ms is not None and not float(cfg.loop.budget_ms) > 0:
+        raise ValueError(f"loop.budget_ms must be positive, got {cfg.loop.budget_ms}")
+    frontier_choice = None
+    if cfg.loop.budget_ms is not None and cfg.cache.name == "none":
+        # No cache method given: sampler, K and cache are chosen over the task's measured frontier.
+        from eval.tune import apply_choice, pick_from_frontier
+
+        torch.set_num_threads(int(cfg.threads))
+        frontier_choice = pick_from_frontier(cfg, pick_device(str(cfg.device)))
+        cfg = apply_choice(cfg, frontier_choice)
     torch.set_num_threads(int(cfg.threads))
     device = pick_device(str(cfg.device))
     checkpoint = resolve_path(cfg.policy.checkpoint)
@@ -167,15 +194,23 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     seeds = [int(cfg.eval.seed) + i for i in range(n_episodes)]
     n_video = int(cfg.eval.n_video) if cfg.eval.video else 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     episodes_path = out_dir / "episodes.jsonl"
+    finished = finished_episodes(episodes_path, seeds, resume=bool(cfg.eval.get("resume", False)))
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # Batch-1 latency on this device, measured before the rollouts: the realtime clock's latencies come from it.
     n_lat = max(int(cfg.eval.latency_trials), int(cfg.loop.latency_samples))
-    latencies = measure_latency(policy, {k: np.repeat(v, 2, 0) for k, v in sample_obs.items()}, n_lat, int(cfg.eval.seed))
+    warm = int(cfg.loop.get("warm_start", 0) or 0)
+    if warm and cfg.loop.clock == "wall":
+        raise ValueError("loop.warm_start runs on the simulated clock; the wall-clock worker keeps no stream memory yet")
+    latencies = measure_latency(policy, {k: np.repeat(v, 2, 0) for k, v in sample_obs.items()}, n_lat, int(cfg.eval.seed),
+                                warm_start=warm)
     lat_model = latency_model(cfg, latencies) if loop.mode == "realtime" else None
-    predict = chunk_predictor(policy, n_chunk, int(cfg.eval.seed))
+    predict = chunk_predictor(policy, n_chunk, int(cfg.eval.seed), warm_start=warm)
 
-    results, timing = [], BatchTiming()
+    results, timing = list(finished.values()), BatchTiming()
+    if results:
+        print(f"resuming {out_dir}: {len(results)} of {n_episodes} episodes already finished", flush=True)
+    todo = [s for s in seeds if s not in finished]
     t_start = time.time()
     with open(episodes_path, "a") as jsonl:
 
@@ -184,11 +219,11 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
             jsonl.flush()
 
         if cfg.loop.clock == "wall":
-            results = wallclock_episodes(cfg, env_kwargs, seeds, predict, policy, loop, on_end)
+            results += wallclock_episodes(cfg, env_kwargs, todo, predict, policy, loop, on_end)
         else:
-            for first in range(0, n_episodes, n_envs):
-                batch_seeds = seeds[first : first + n_envs]
-                record = [first + j < n_video for j in range(len(batch_seeds))]
+            for first in range(0, len(todo), n_envs):
+                batch_seeds = todo[first : first + n_envs]
+                record = [seeds.index(s) < n_video for s in batch_seeds]
                 envs = [
                     make_env(cfg.env.name, **env_kwargs, **({"render_mode": "rgb_array"} if rec else {}))
                     for rec in record
@@ -202,11 +237,14 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
                     for e in envs:
                         e.close()
                 results.extend(batch_results)
-                done = len(results)
-                print(f"[{done}/{n_episodes}] success so far {sum(r.success for r in results)}/{done}", flush=True)
+                done, elapsed = len(results), time.time() - t_start
+                eta = elapsed / (done - len(finished)) * (n_episodes - done)
+                print(f"[{done}/{n_episodes}] success so far {sum(r.success for r in results)}/{done}, "
+                      f"{elapsed:.0f} s, ETA {eta:.0f} s", flush=True)
                 if n_video:
                     write_videos(out_dir, batch_results, record, fps=envs[0].metadata.get("render_fps", 20))
 
+    results.sort(key=lambda r: r.seed)
     lat = latency_stats(latencies)
     env_step = float(np.median(timing.env_step_s)) if timing.env_step_s else 0.0
     n_succ = sum(r.success for r in results)
@@ -249,18 +287,54 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "scheduler": pc.scheduler,
         "num_inference_steps": pc.num_inference_steps,
         "n_action_steps": pc.n_action_steps,
+        "warm_start": warm,
         "flops_ratio": round(engine.flops_ratio(), 4) if engine else 1.0,
         "cache_stats": engine.stats() | {"schedule": cache_summary(schedule)} if engine else None,
-        "budget": budget,
+        "budget": budget or frontier_choice,
         "device": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "wall_time_s": round(time.time() - t_start, 1),
         "seeds": [seeds[0], seeds[-1]],
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print_table([summary])
     print(f"results in {out_dir}")
     return summary
+
+
+def finished_episodes(path: Path, seeds: list[int], resume: bool) -> dict[int, EpisodeResult]:
+    """The episodes of ``seeds`` already in a run folder's ``episodes.jsonl`` (one per seed, the last line
+    wins). Without ``resume`` a folder that holds episodes is refused: appending to it would mix two runs."""
+    if not path.exists() or path.stat().st_size == 0:
+        return {}
+    if not resume:
+        raise FileExistsError(f"{path} already holds episodes of another run; pass eval.resume=true to continue "
+                              "that run (finished seeds are skipped) or write into a new folder")
+    text = path.read_text()
+    if not text.endswith("\n"):  # a line cut by a crash: new episodes go on a line of their own
+        with open(path, "a") as f:
+            f.write("\n")
+    found = {}
+    for i, line in enumerate(text.splitlines()):
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash mid-write: that episode runs again
+            print(f"warning: {path} line {i + 1} is not JSON and is ignored", flush=True)
+            continue
+        if d.get("seed") in seeds:
+            found[d["seed"]] = EpisodeResult(**d)
+    return found
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a crash or a full disk
+    leaves the previous file (or none), never a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def wallclock_episodes(cfg, env_kwargs, seeds, predict, policy, loop: LoopConfig, on_end) -> list[EpisodeResult]:

@@ -10,14 +10,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from torch import nn
 
 from bac.sampling import denoise
 from policies.normalizer import Normalizer
 from policies.transformer_for_diffusion import TransformerForDiffusion
 
-SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+# The samplers a DP-T trained with DDPM's epsilon objective can run, any step count K <= num_train_timesteps:
+# ancestral DDPM (strided below the training steps), DDIM (eta 0) and two second-order multistep solvers.
+SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler,
+              "unipc": UniPCMultistepScheduler}
 
 
 @dataclass
@@ -52,11 +55,6 @@ class DPTConfig:
             raise ValueError(
                 f"num_inference_steps must be in [1, num_train_timesteps={self.num_train_timesteps}], "
                 f"got {self.num_inference_steps}"
-            )
-        if self.scheduler == "ddpm" and self.num_inference_steps != self.num_train_timesteps:
-            raise ValueError(
-                f"DDPM samples with all {self.num_train_timesteps} training steps; for "
-                f"{self.num_inference_steps} steps use scheduler='ddim'"
             )
         if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
             raise ValueError(
@@ -96,12 +94,18 @@ class DiffusionTransformerPolicy(nn.Module):
 
     def make_scheduler(self, name: str):
         c = self.config
-        return SCHEDULERS[name](
-            num_train_timesteps=c.num_train_timesteps,
-            beta_schedule=c.beta_schedule,
-            clip_sample=c.clip_sample,
-            prediction_type="epsilon",
-        )
+        common = {"num_train_timesteps": c.num_train_timesteps, "beta_schedule": c.beta_schedule,
+                  "prediction_type": "epsilon"}
+        if name in ("ddpm", "ddim"):
+            return SCHEDULERS[name](**common, clip_sample=c.clip_sample)
+        # The multistep solvers have no clip_sample; dynamic thresholding with a maximum of 1 clamps the x0
+        # prediction to [-1, 1] exactly as DDPM's clip does (the quantile is clamped to [1, sample_max_value]).
+        # DPM-Solver++ (2M) and UniPC (bh2) are the data-prediction forms diffusers recommends for guided and
+        # few-step sampling. Trailing spacing starts at the last training step (pure noise) and never repeats a
+        # timestep: diffusers' default linspace rounds to a repeated step at K = num_train_timesteps, where the
+        # solver's step size is zero and its output NaN.
+        return SCHEDULERS[name](**common, thresholding=c.clip_sample, sample_max_value=1.0, solver_order=2,
+                                timestep_spacing="trailing")
 
     @property
     def device(self) -> torch.device:
@@ -126,12 +130,18 @@ class DiffusionTransformerPolicy(nn.Module):
 
     @torch.inference_mode()
     def predict_action(
-        self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None
+        self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None,
+        init_action: torch.Tensor | None = None, init_step: int = 0,
     ) -> dict[str, torch.Tensor]:
         """obs[key]: (B, To, d_key) -> {"action": (B, Ta, Da), "action_pred": (B, T, Da)}, unnormalized.
 
         ``action`` is the part of the predicted trajectory to execute: steps To-1 .. To-1+Ta-1, i.e. it
         starts at the current observation's time step.
+
+        Warm start: with ``init_step`` = k0 > 0, ``init_action`` (B, T, Da), unnormalized, is a guess of the
+        trajectory (the runtime passes the previous chunk's remainder, shifted); it is noised to step k0's
+        level with the noise that a cold start would begin from and only steps k0 .. K-1 run (SDEdit-style).
+        ``init_step`` 0 is the cold start, whatever ``init_action`` holds.
         """
         if self.normalizer is None:
             raise RuntimeError("policy has no normalizer; load it from a checkpoint or call set_normalizer")
@@ -145,6 +155,8 @@ class DiffusionTransformerPolicy(nn.Module):
         time_tokens = self.model.encode_time(self.noise_scheduler.timesteps)  # (K, 1, n_emb)
         memory = self.model.memory(obs_tokens, time_tokens)  # (K, B, 1 + To, n_emb)
         noise = torch.randn((B, c.horizon, c.action_dim), generator=generator, device=self.device)
+        if init_step:
+            noise = self.warm_start(init_action, noise, init_step)
         # K memory views made at once, and the per-step modules looked up once (see TransformerForDiffusion.denoiser)
         naction = denoise(
             self.model.denoiser(memory.unbind(0)),
@@ -153,10 +165,26 @@ class DiffusionTransformerPolicy(nn.Module):
             c.num_inference_steps,
             generator=generator,
             cursor=self.step_cursor,
+            start=init_step,
         )
         action_pred = self.normalizer.unnormalize("action", naction.clamp(-1.0, 1.0))
         start = c.n_obs_steps - 1
         return {"action": action_pred[:, start : start + c.n_action_steps], "action_pred": action_pred}
+
+    def warm_start(self, init_action: torch.Tensor | None, noise: torch.Tensor, init_step: int) -> torch.Tensor:
+        """x at step ``init_step``'s noise level from a guessed trajectory (B, T, Da), unnormalized."""
+        c = self.config
+        if not 0 < init_step < c.num_inference_steps:
+            raise ValueError(f"init_step must be in [0, num_inference_steps={c.num_inference_steps}), got {init_step}")
+        if init_action is None or tuple(init_action.shape) != tuple(noise.shape):
+            got = None if init_action is None else tuple(init_action.shape)
+            raise ValueError(f"a warm start needs init_action of shape {tuple(noise.shape)} (B, T, Da), got {got}")
+        init = torch.as_tensor(init_action, dtype=torch.float32, device=self.device)
+        if not torch.isfinite(init).all():
+            raise ValueError("init_action holds NaN or inf")
+        x0 = self.normalizer.normalize("action", init).clamp(-1.0, 1.0)
+        t = self.noise_scheduler.timesteps[init_step : init_step + 1]
+        return self.noise_scheduler.add_noise(x0, noise, t)
 
     # ---------------------------------------------------------------- training
     def compute_loss(self, nobs: torch.Tensor, naction: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torch import nn
 
 from policies import DiffusionTransformerPolicy, DPTConfig, Normalizer, load_policy, save_policy
 from policies.transformer_for_diffusion import TransformerForDiffusion
+from policies.diffusion_policy import SCHEDULERS
 
 # Keys of upstream diffusion_policy's TransformerForDiffusion (obs_as_cond, time_as_cond, n_cond_layers=0),
 # layer 0 only; every other layer repeats the decoder.layers.0 keys.
@@ -120,9 +121,40 @@ def test_ddim_option_runs_fewer_steps():
     assert [t for _, t in calls] == sorted((t for _, t in calls), reverse=True)
 
 
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+@pytest.mark.parametrize("K", [3, 8])
+def test_every_sampler_runs_any_step_count(scheduler, K):
+    """DDPM (strided), DDIM and the multistep solvers sample in exactly K announced steps, reproducibly."""
+    policy = small_policy(scheduler=scheduler, num_inference_steps=K)
+    steps = []
+
+    class Recorder:
+        @contextlib.contextmanager
+        def session(self, num_steps):
+            steps.append(("session", num_steps))
+            yield
+
+        def step(self, k, t):
+            steps.append(k)
+
+    policy.step_cursor = Recorder()
+    out = [policy.predict_action(obs_batch(B=2), generator=torch.Generator().manual_seed(0))["action"] for _ in range(2)]
+    assert steps == [("session", K), *range(K)] * 2
+    assert torch.isfinite(out[0]).all() and torch.equal(out[0], out[1])
+
+
+def test_multistep_solvers_clip_x0_as_ddpm_does():
+    """clip_sample maps to thresholding at 1 on the solvers: their x0 prediction is clamped to [-1, 1]."""
+    for name in ("dpmsolver", "unipc"):
+        sched = small_policy(scheduler=name, num_inference_steps=4).noise_scheduler
+        assert sched.config.thresholding and sched.config.sample_max_value == 1.0
+        x0 = torch.tensor([[[-3.0, 0.5, 2.0]]])
+        assert torch.equal(sched._threshold_sample(x0), x0.clamp(-1, 1))
+
+
 def test_bad_config_is_rejected():
-    with pytest.raises(ValueError, match="DDPM samples with all 20"):
-        small_config(num_inference_steps=10)
+    with pytest.raises(ValueError, match=r"num_inference_steps must be in \[1, num_train_timesteps=20\], got 21"):
+        small_config(num_inference_steps=21)
     with pytest.raises(ValueError, match="scheduler 'euler' is unknown"):
         small_config(scheduler="euler")
 

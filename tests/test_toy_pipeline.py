@@ -73,6 +73,20 @@ def test_crash_keeps_finished_episodes(toy_checkpoint, tmp_path, monkeypatch):
         run.evaluate(cfg, tmp_path)
     lines = (tmp_path / "episodes.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["seed"] for line in lines) == [0, 1, 2]
+    # A rerun into the folder is refused unless it resumes; resuming runs only the missing seeds and the
+    # summary counts every episode once.
+    monkeypatch.setattr(run, "simulate", real_simulate)
+    with pytest.raises(FileExistsError, match="eval.resume=true"):
+        run.evaluate(cfg, tmp_path)
+    with open(tmp_path / "episodes.jsonl", "a") as f:
+        f.write('{"seed": 4, "succ')  # a line cut by the crash
+    summary = run.evaluate(compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "eval.n_episodes=6",
+                                       "eval.n_envs=3", "eval.resume=true"), tmp_path)
+    lines = (tmp_path / "episodes.jsonl").read_text().splitlines()
+    assert lines[3] == '{"seed": 4, "succ'  # the cut line stays as it was; new episodes start on a line of their own
+    episodes = [json.loads(line) for line in lines[:3] + lines[4:]]
+    assert sorted(e["seed"] for e in episodes) == list(range(6))
+    assert summary["n_episodes"] == 6 and summary["n_successes"] == sum(e["success"] for e in episodes)
 
 
 def test_unknown_cache_and_task_are_named(toy_checkpoint, tmp_path):

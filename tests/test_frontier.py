@@ -1,0 +1,151 @@
+"""The frontier: Pareto set and budget choice on hand-made tables, the grid, and the runner's resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+import eval.frontier as frontier
+import eval.run as run
+from bac.frontier import choose_for_budget, pareto, pooled
+from tests.conftest import compose_cfg
+
+
+def test_pareto_on_a_hand_made_table():
+    #        a    b    c    d    e    f
+    costs = [10, 20, 15, 30, 20, 5]
+    values = [.6, .8, .5, .8, .8, .2]
+    front = pareto(costs, values)
+    # c is dominated by a (cheaper, better); d by b (same value, dearer); b and e are equal points, both kept
+    assert front == [5, 0, 1, 4]
+    assert pareto([], []) == []
+    assert pareto([3, 3], [0.5, 0.7]) == [1]  # same cost: only the better one
+
+
+def test_choose_for_budget_maximizes_success_then_speed():
+    rows = [{"n": "slow_best", "p95": 50, "s": (40, 50)}, {"n": "fast_good", "p95": 12, "s": (36, 50)},
+            {"n": "fast_same", "p95": 9, "s": (36, 50)}, {"n": "fastest_bad", "p95": 5, "s": (10, 50)}]
+    pick = lambda b: choose_for_budget(rows, b, latency=lambda r: r["p95"], successes=lambda r: r["s"])  # noqa: E731
+    assert pick(60)["row"]["n"] == "slow_best"
+    assert pick(40)["row"]["n"] == "fast_same"  # equal success: the faster one
+    assert pick(6)["row"]["n"] == "fastest_bad" and pick(6)["meets_budget"]
+    none = pick(4)
+    assert not none["meets_budget"] and none["row"]["n"] == "fastest_bad" and none["candidates"] == []
+    with pytest.raises(ValueError, match="must be positive"):
+        pick(0)
+    assert pooled([30, 20], [50, 50])["rate"] == 0.5 and pooled([30, 20], [50, 50])["episodes"] == 100
+
+
+def test_grid_turns_keep_into_updates_and_refuses_bad_entries():
+    fc = compose_cfg("env=toy").frontier
+    cells = frontier.grid(fc)
+    labels = [c.label for c in cells]
+    assert "ddim-10" in labels and "ddpm-100" in labels
+    assert "ddim-10+bac[n_bubble=1,n_updates=5]" in labels and "ddim-25+uniform[n_updates=12]" in labels
+    assert len(labels) == len(set(labels))
+    bad = OmegaConf.merge(fc, {"caches": [{"name": "uniform", "keep": 1.5}]})
+    with pytest.raises(ValueError, match="keep must be in"):
+        frontier.grid(bad)
+    with pytest.raises(ValueError, match="written sampler-K"):
+        frontier.grid(OmegaConf.merge(fc, {"cached_on": ["ddim10"]}))
+    with pytest.raises(ValueError, match="cells twice"):
+        frontier.grid(OmegaConf.merge(fc, {"cached_on": ["ddim-10", "ddim-10"]}))
+    with pytest.raises(ValueError, match="not in the grid"):
+        frontier.select(cells, ["ddim-7"])
+
+
+def test_analyse_marks_reference_interval_and_proxy_correlation():
+    rows = [{"label": lab, "latency_ms": {"p50": lat}, "success": pooled([s], [50]), "mse_vs_ddim100": e}
+            for lab, lat, s, e in [("ref", 300, 40, 0.0), ("fast", 10, 39, 0.01), ("faster", 5, 10, 0.2),
+                                   ("mid", 30, 35, 0.02)]]
+    out = frontier.analyse(rows, "ref")
+    assert out["pareto"] == ["faster", "fast", "ref"]
+    assert out["fastest_within_reference"] == "fast" and "faster" not in out["within_reference"]
+    assert out["proxy_spearman"]["mse_vs_ddim100"] == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def calibrated(toy_checkpoint):
+    """The toy checkpoint calibrated from its demos (writes calib_obs.npz and bench_obs.npz beside it)."""
+    import eval.calibrate as calibrate
+
+    data = toy_checkpoint.parent / "toy.hdf5"
+    calibrate.calibrate(compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", f"calibrate.dataset={data}",
+                                    "calibrate.n_obs=4", "calibrate.n_updates=[10]"))
+    return toy_checkpoint
+
+
+def test_calibration_for_a_new_sampler_and_k_loads_only_there(calibrated):
+    """A fresh clone has no demos: a new (sampler, K) is calibrated on the checkpoint's calibration observations,
+    and its schedules are refused by any other sampler or step count, naming the field."""
+    import eval.calibrate as calibrate
+    from bac.schedule import Schedule, ScheduleMismatch
+    from policies import load_policy
+    from policies.caching import make_cache, policy_signature
+
+    out = calibrate.calibrate(compose_cfg("env=toy", f"policy.checkpoint={calibrated}", "policy.scheduler=ddim",
+                                          "policy.num_inference_steps=6", "calibrate.n_updates=[3,8]"))
+    assert out.name == "DDIMScheduler_K6.npz"
+    written = sorted(p.name for p in (calibrated / "schedules").glob("*DDIM_K6.json"))
+    assert "bac_S3_n1_cosine_DDIM_K6.json" in written and not any("_S8_" in n for n in written)  # S >= K: none
+    schedule = Schedule.load(calibrated / "schedules" / "bac_S3_n1_cosine_DDIM_K6.json")
+    ddim6 = load_policy(calibrated, scheduler="ddim", num_inference_steps=6)
+    scheduler, K, model_hash = policy_signature(ddim6)
+    schedule.check_compatible(num_steps=K, scheduler=scheduler, model_hash=model_hash)
+    for other, field in (({"scheduler": "dpmsolver", "num_inference_steps": 6}, "scheduler"),
+                         ({"scheduler": "ddim", "num_inference_steps": 8}, "num_steps")):
+        policy = load_policy(calibrated, **other)
+        with pytest.raises(ScheduleMismatch, match=field):
+            make_cache(policy, calibrated, {"name": "bac", "n_updates": 3, "n_bubble": 1,
+                                            "schedule": str(calibrated / "schedules" / "bac_S3_n1_cosine_DDIM_K6.json")})
+    with pytest.raises(FileNotFoundError, match="DPMSolverMultistepScheduler_K6.npz is missing"):
+        make_cache(load_policy(calibrated, scheduler="dpmsolver", num_inference_steps=6), calibrated,
+                   {"name": "bac", "n_updates": 3, "n_bubble": 1})
+
+
+def test_runner_skips_finished_cells_and_resumes_an_interrupted_one(calibrated, tmp_path, monkeypatch):
+    toy_checkpoint = calibrated
+    cfg = compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", f"frontier.out={tmp_path}",
+                      "frontier.cached_on=[]", "frontier.warm_on=[]", "frontier.reference=ddim-3",
+                      "frontier.n_episodes=4", "frontier.n_envs=2", "frontier.phase=rollouts")
+    OmegaConf.set_struct(cfg, False)
+    cfg.frontier.samplers = {"ddim": [2, 3]}  # a dict override on the command line would merge into the default
+    real_simulate, calls = run.simulate, []
+
+    def crash_in_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the second cell's first batch: the first cell (two batches) is finished
+            raise KeyboardInterrupt
+        return real_simulate(*args, **kwargs)
+
+    monkeypatch.setattr(run, "simulate", crash_in_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        frontier.frontier(cfg)
+    first, second = tmp_path / "cells" / "ddim-2" / "s0", tmp_path / "cells" / "ddim-3" / "s0"
+    assert (first / "summary.json").exists() and not (second / "summary.json").exists()
+    kept = (first / "summary.json").read_text()
+    # The second cell is interrupted in its second batch: its first two episodes are kept and not run again.
+    calls.clear()
+
+    def crash_in_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_simulate(*args, **kwargs)
+
+    monkeypatch.setattr(run, "simulate", crash_in_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        frontier.frontier(cfg)
+    assert len((second / "episodes.jsonl").read_text().splitlines()) == 2
+    monkeypatch.setattr(run, "simulate", real_simulate)
+    seen = []
+    monkeypatch.setattr(run, "simulate", lambda envs, seeds, *a, **k: seen.append(list(seeds)) or real_simulate(envs, seeds, *a, **k))
+    frontier.frontier(OmegaConf.merge(cfg, {"frontier": {"phase": "all", "trials": 1, "warmup": 0, "n_obs": 2}}))
+    assert seen == [[2, 3]]  # only the missing seeds of the interrupted cell; the finished cell is skipped
+    assert (first / "summary.json").read_text() == kept
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["n_episodes"] == 4 and summary["scheduler"] == "ddim" and summary["num_inference_steps"] == 3
+    report = json.loads((tmp_path / "frontier.json").read_text())
+    assert {r["label"] for r in report["rows"] if "success" in r} == {"ddim-2", "ddim-3"}
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000 and (tmp_path / "frontier.md").exists()
