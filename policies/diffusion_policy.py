@@ -167,6 +167,10 @@ class DiffusionTransformerPolicy(nn.Module):
             cursor=self.step_cursor,
             start=init_step,
         )
+        if not torch.isfinite(naction).all():  # one check per chunk: a NaN must never reach a robot
+            raise FloatingPointError(
+                f"the sampled actions hold NaN or inf ({c.scheduler}, K={c.num_inference_steps}); the observation "
+                "may be far outside the training range, or the sampler unstable at this step count")
         action_pred = self.normalizer.unnormalize("action", naction.clamp(-1.0, 1.0))
         start = c.n_obs_steps - 1
         return {"action": action_pred[:, start : start + c.n_action_steps], "action_pred": action_pred}

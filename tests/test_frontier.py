@@ -149,3 +149,21 @@ def test_runner_skips_finished_cells_and_resumes_an_interrupted_one(calibrated, 
     report = json.loads((tmp_path / "frontier.json").read_text())
     assert {r["label"] for r in report["rows"] if "success" in r} == {"ddim-2", "ddim-3"}
     assert (tmp_path / "frontier.png").stat().st_size > 10_000 and (tmp_path / "frontier.md").exists()
+    # The budget tuner chooses over this frontier (cells timed again here), and run.py applies its choice.
+    import eval.tune as tune
+
+    base = ["env=toy", f"policy.checkpoint={toy_checkpoint}", f"tune.frontier={tmp_path / 'frontier.json'}",
+            "tune.trials=2", "tune.warmup=0", "tune.n_obs=2"]
+    rates = {r["label"]: r["success"]["rate"] for r in report["rows"]}
+    choice = tune.tune(compose_cfg(*base, "loop.budget_ms=10000"), tmp_path / "tune")
+    best = max(rates.values())
+    assert choice["meets_budget"] and rates[choice["chosen"]["label"]] == best
+    assert {r["label"] for r in choice["rows"]} == {"ddim-2", "ddim-3"}
+    tight = tune.tune(compose_cfg(*base, "loop.budget_ms=0.001"), tmp_path / "tune2")
+    assert not tight["meets_budget"]  # nothing is that fast: the fastest, flagged
+    summary = run.evaluate(compose_cfg(*base, "loop.budget_ms=10000", "eval.n_episodes=2", "eval.n_envs=2",
+                                       "eval.latency_trials=1"), tmp_path / "budget_run")
+    assert summary["num_inference_steps"] == choice["chosen"]["num_inference_steps"] and summary["cache"] == "none"
+    assert summary["budget"]["chosen"]["label"] == choice["chosen"]["label"]
+    with pytest.raises(ValueError, match="loop.budget_ms must be positive"):
+        run.evaluate(compose_cfg(*base, "loop.budget_ms=0"), tmp_path / "bad")

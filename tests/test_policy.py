@@ -170,6 +170,10 @@ def test_bad_observations_raise():
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="'b' holds NaN"):
         policy.predict_action({"a": obs["a"], "b": bad})
+    huge = obs["b"].clone()
+    huge[0, 0, 0] = 1e30  # finite, but normalized far out of range: the denoiser overflows
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        policy.predict_action({"a": obs["a"], "b": huge})
 
 
 def test_normalizer_round_trip_and_flat_dims():
