@@ -255,7 +255,10 @@ def rollout_phase(cfg: DictConfig, cells: list[Cell], checkpoint: Path, out: Pat
     if not 0 <= int(fc.worker) < int(fc.n_workers):
         raise ValueError(f"frontier.worker must be in [0, n_workers={fc.n_workers}), got {fc.worker}")
     lat = (latency or {}).get("cells", {})
-    order = sorted(cells, key=lambda c: lat.get(c.label, {}).get("latency_ms", {}).get("p50", c.K))  # cheap first
+    first = list(fc.get("first") or [])
+    # The cells named in frontier.first (the reference, the usual baseline) lead; then the cheapest first.
+    order = sorted(cells, key=lambda c: (first.index(c.label) if c.label in first else len(first),
+                                         lat.get(c.label, {}).get("latency_ms", {}).get("p50", c.K)))
     mine = order[int(fc.worker) :: int(fc.n_workers)]
     failed = []
     for i, cell in enumerate(mine):

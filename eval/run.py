@@ -174,14 +174,14 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         cfg = apply_choice(cfg, frontier_choice)
     torch.set_num_threads(int(cfg.threads))
     device = pick_device(str(cfg.device))
+    env_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.env, resolve=True).items() if k != "name"}
+    probe_env = pooled_envs(cfg.env.name, env_kwargs, 1)[0]  # first: an unknown task is named as such
     checkpoint = resolve_path(cfg.policy.checkpoint)
     policy = load_policy(
         checkpoint, device, num_inference_steps=cfg.policy.num_inference_steps, scheduler=cfg.policy.scheduler,
         n_action_steps=cfg.policy.get("n_action_steps"),
     )
     pc = policy.config
-    env_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.env, resolve=True).items() if k != "name"}
-    probe_env = pooled_envs(cfg.env.name, env_kwargs, 1)[0]
     check_env_matches_policy(probe_env, policy)
     loop, n_chunk = loop_config(cfg, probe_env, policy)
     sample_obs = probe_obs(probe_env, policy, int(cfg.eval.seed))

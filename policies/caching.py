@@ -52,6 +52,12 @@ def make_schedule(policy, checkpoint: str | Path, method: str, n_updates: int = 
         return None
     if schedule_path:
         schedule = Schedule.load(schedule_path)
+        if schedule.method != method:  # a BAC schedule run as cache=uniform would be labelled uniform
+            raise ValueError(f"cache.schedule={schedule_path} holds a {schedule.method!r} schedule, but cache={method}; "
+                             f"run it as cache={schedule.method}")
+    elif not (isinstance(n_updates, int) and 1 <= n_updates <= K):
+        raise ValueError(f"cache.n_updates={n_updates!r} must be an integer in [1, K={K}] (update steps per block "
+                         f"out of the sampler's {K})")
     elif method == "uniform":
         blocks = [info.name for _, _, info in find_blocks(policy.model)]
         schedule = uniform(blocks, K, n_updates, scheduler=scheduler, model_hash=model_hash)
@@ -149,7 +155,8 @@ def make_cache(policy, checkpoint: str | Path, cfg) -> Schedule | Strategy | Non
     if name not in CACHE_METHODS:
         raise ValueError(f"unknown cache {name!r}; known caches: {list(CACHE_METHODS)}")
     if name in SCHEDULE_METHODS:
-        return make_schedule(policy, checkpoint, name, n_updates=int(cfg.get("n_updates", 10) or 10),
+        given = cfg.get("n_updates", 10)
+        return make_schedule(policy, checkpoint, name, n_updates=given if isinstance(given, int) else int(given or -1),
                              n_bubble=int(cfg.get("n_bubble", 5) or 0), metric=str(cfg.get("metric", "cosine")),
                              schedule_path=cfg.get("schedule"))
     scheduler, K, model_hash = policy_signature(policy)

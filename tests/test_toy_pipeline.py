@@ -245,3 +245,23 @@ def test_wall_clock_episodes_through_run(toy_checkpoint, tmp_path):
     assert s["clock"] == "wall" and s["n_episodes"] == 2 and 0 < s["control_hz"] <= 10.5
     lines = [json.loads(x) for x in (tmp_path / "episodes.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(x["loop"]["n_inferences"] >= 1 for x in lines)
+
+
+def test_cache_knobs_and_task_are_checked_before_anything_runs(toy_checkpoint, tmp_path):
+    from bac.engine import find_blocks
+    from bac.schedule import uniform
+    from policies.caching import make_cache, policy_signature
+
+    policy = load_policy(toy_checkpoint)
+    for bad in (0, 1000, None):  # 0 once ran S = 10; 1000 ran uncached under the cache's label
+        with pytest.raises(ValueError, match=r"cache.n_updates=.* must be an integer in \[1, K=100\]"):
+            make_cache(policy, toy_checkpoint, {"name": "uniform", "n_updates": bad})
+    scheduler, K, model_hash = policy_signature(policy)
+    blocks = [info.name for _, _, info in find_blocks(policy.model)]
+    uniform(blocks, K, 5, scheduler=scheduler, model_hash=model_hash).save(tmp_path / "u.json")
+    with pytest.raises(ValueError, match="holds a 'uniform' schedule, but cache=bac"):
+        make_cache(policy, toy_checkpoint, {"name": "bac", "n_updates": 5, "schedule": str(tmp_path / "u.json")})
+    with pytest.raises(ValueError, match="unknown robomimic task 'stack'"):  # not "checkpoint missing"
+        run.evaluate(compose_cfg("env=robomimic", "env.task=stack"), tmp_path / "stack")
+    with pytest.raises(ValueError, match="eval.n_episodes and eval.n_envs must be >= 1"):
+        run.evaluate(compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "eval.n_episodes=0"), tmp_path / "z")
