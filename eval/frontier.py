@@ -39,10 +39,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from bac.frontier import pareto, pooled  # noqa: E402
+from bac.frontier import choose_for_budget, pareto, pooled  # noqa: E402
 from bac.metrics import latency_stats  # noqa: E402
 
 CALIBRATED = ("unified_acs", "blockwise_acs", "bac", "profiling", "bac_forecast")
+BUDGETS_MS = (10, 15, 20, 30, 40, 60, 100, 200, 400)  # the report's recommended config per p95 budget
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,15 @@ def analyse(rows: list[dict], reference: str) -> dict:
         pts = [(r[key], r["success"]["rate"]) for r in done if key in r]
         if len(pts) >= 3:
             proxies[key] = round(spearman([-a for a, _ in pts], [b for _, b in pts]), 3)
-    return {"pareto": front, "reference": reference,
+    recommended = []
+    for budget in BUDGETS_MS:
+        if done:
+            pick = choose_for_budget(done, budget, latency=lambda r: r["latency_ms"]["p95"],
+                                     successes=lambda r: (r["success"]["successes"], r["success"]["episodes"]))
+            if pick["meets_budget"]:
+                recommended.append({"budget_ms": budget, "label": pick["row"]["label"],
+                                    "success": pick["row"]["success"], "p95_ms": pick["row"]["latency_ms"]["p95"]})
+    return {"pareto": front, "reference": reference, "recommended": recommended,
             "reference_ci95": ref["success"]["ci95"] if ref else None,
             "within_reference": [r["label"] for r in within],
             "fastest_within_reference": within[0]["label"] if within else None,
@@ -364,6 +373,13 @@ def write_report(cfg: DictConfig, rows: list[dict], summary: dict, out: Path, la
                      f"{lat.get('p95', float('nan')):.1f} | {r.get('flops_ratio', float('nan')):.3f} | "
                      f"{r.get('mse_vs_ddpm100', float('nan')):.2e} | {r.get('mse_vs_ddim100', float('nan')):.2e} | "
                      f"{mark} |")
+    lines += ["", "Recommended per latency budget (the highest measured success whose frontier p95 meets the budget, "
+              "the faster on a tie; `eval/tune.py` re-times the candidates on the device it runs on):", "",
+              "| p95 budget | config | success [95% CI] | p95 ms |", "|---|---|---|---|"]
+    for rec in summary["recommended"]:
+        s = rec["success"]
+        lines.append(f"| {rec['budget_ms']} ms | {rec['label']} | {s['rate']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}] | "
+                     f"{rec['p95_ms']:.1f} |")
     lines += ["", f"Pareto set (fastest first): {', '.join(summary['pareto']) or '-'}.",
               f"Fastest config within {summary['reference']}'s interval: {summary['fastest_within_reference'] or '-'}.",
               "Rank correlation of each action-error proxy (lower error = better) with rollout success over the "
@@ -394,18 +410,27 @@ def plot(rows: list[dict], summary: dict, path: Path, task: str) -> None:
     for r in done:
         x, s = r["latency_ms"]["p50"], r["success"]
         lo, hi = s["ci95"]
-        key = (r["sampler"], r["cache"])
-        ax.errorbar(x, s["rate"], yerr=[[s["rate"] - lo], [hi - s["rate"]]], fmt=markers.get(r["cache"], "X"),
-                    color=colors.get(r["sampler"], "k"), ms=6, capsize=2, alpha=0.85,
-                    label=None if key in seen else f"{r['sampler']}" + ("" if r["cache"] == "none" else f" + {r['cache']}"))
+        warm = bool(r.get("start"))
+        key = (r["sampler"], r["cache"], warm)
+        name = r["sampler"] + (" + warm start" if warm else "") + ("" if r["cache"] == "none" else f" + {r['cache']}")
+        ax.errorbar(x, s["rate"], yerr=[[s["rate"] - lo], [hi - s["rate"]]],
+                    fmt="*" if warm else markers.get(r["cache"], "X"), color=colors.get(r["sampler"], "k"),
+                    ms=9 if warm else 6, capsize=2, alpha=0.85, label=None if key in seen else name)
         seen.add(key)
-        if r["cache"] == "none" or r["label"] in summary["pareto"]:
+        if (r["cache"] == "none" and not warm) or r["label"] in summary["pareto"]:
             ax.annotate(r["label"].split("[")[0].replace("+", "\n+"), (x, s["rate"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=6)
     front = [next(r for r in done if r["label"] == lab) for lab in summary["pareto"]]
     ax.step([r["latency_ms"]["p50"] for r in front], [r["success"]["rate"] for r in front], where="post",
             color="k", lw=1, ls="--", label="Pareto front")
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xticks([t for t in (2, 5, 10, 20, 50, 100, 200, 500) if t <= 2 * max(r["latency_ms"]["p50"] for r in done)])
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    xs = [r["latency_ms"]["p50"] for r in done]
+    ax.set_xlim(min(xs) / 1.25, max(xs) * 1.4)
     ax.set_xlabel("batch-1 latency per action chunk, p50 (ms, log scale)")
     ax.set_ylabel("success rate (95% Wilson interval)")
     ax.set_title(f"{task}: success against latency over samplers, step counts and caches")
