@@ -13,6 +13,7 @@ The grid (``configs/frontier/default.yaml``): every sampler at every step count 
   held-out observations from identical noise: against the reference cell (DDPM-100) and against the ODE
   solution (DDIM-100). Writes ``latency.json``. Missing calibrations for cached (sampler, K) pairs are made
   first (``eval/calibrate.py`` on the checkpoint's calibration observations).
+- calibrate (also part of latency): the calibrations the cached cells need, on their own, before parallel workers.
 - rollouts: each cell's ``eval/run.py`` evaluation into ``cells/<label>/s<seed>/``. A cell with a
   ``summary.json`` is skipped; an interrupted one resumes from its ``episodes.jsonl``. Run it in several
   processes (``frontier.worker``/``n_workers``) to use every core.
@@ -447,8 +448,8 @@ def frontier(cfg: DictConfig) -> dict:
 
     torch.set_num_threads(int(cfg.threads))
     fc = cfg.frontier
-    if fc.phase not in ("all", "latency", "rollouts", "report"):
-        raise ValueError(f"frontier.phase must be all, latency, rollouts or report, got {fc.phase!r}")
+    if fc.phase not in ("all", "calibrate", "latency", "rollouts", "report"):
+        raise ValueError(f"frontier.phase must be all, calibrate, latency, rollouts or report, got {fc.phase!r}")
     if int(fc.n_episodes) < 1:
         raise ValueError(f"frontier.n_episodes must be >= 1, got {fc.n_episodes}")
     checkpoint = resolve_path(cfg.policy.checkpoint)
@@ -458,6 +459,9 @@ def frontier(cfg: DictConfig) -> dict:
         raise ValueError(f"frontier.reference {fc.reference!r} is not a cell of the grid")
     chosen = select(cells, fc.only)
     latency = None
+    if fc.phase == "calibrate":  # before parallel rollout workers, which must not calibrate the same pair at once
+        ensure_calibrations(cfg, cells, checkpoint)
+        return {}
     if fc.phase in ("all", "latency"):
         latency = latency_phase(cfg, cells, checkpoint, out)
     elif (out / "latency.json").exists():

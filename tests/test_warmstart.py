@@ -98,8 +98,9 @@ def test_zero_warm_start_equals_the_plain_loop_exactly():
     assert roll(warm(3)) != roll(plain())  # a warm start does change the actions (the test can fail)
 
 
-def test_policy_warm_start_runs_the_last_steps_and_checks_its_guess():
-    policy = small_policy(scheduler="ddim", num_inference_steps=6)
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmsolver", "unipc"])
+def test_policy_warm_start_runs_the_last_steps_and_checks_its_guess(sampler):
+    policy = small_policy(scheduler=sampler, num_inference_steps=6)
     steps = []
 
     class Recorder:
