@@ -41,6 +41,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from bac.rollout import BatchTiming, EpisodeResult, ObsHistory, Predict
+from bac.safety import SafetyGuard, UnsafeAction
 
 MODES = ("offline", "realtime")
 MISS_POLICIES = ("hold", "repeat")
@@ -371,9 +372,17 @@ class SafeStop(RuntimeError):
 
 @dataclass
 class Watchdog:
-    """Safe-stop rules of the wall-clock loop: too many deadline misses in a row, or a bad observation."""
+    """Safe-stop rules of the wall-clock loop: ``max_consecutive_misses`` missed control deadlines in a row, an
+    inference running longer than ``inference_deadline_s`` (the first one included), or a bad observation."""
 
     max_consecutive_misses: int = 10
+    inference_deadline_s: float | None = None
+
+    def __post_init__(self):
+        if self.max_consecutive_misses < 1:
+            raise ValueError(f"max_consecutive_misses must be >= 1, got {self.max_consecutive_misses}")
+        if self.inference_deadline_s is not None and not self.inference_deadline_s > 0:
+            raise ValueError(f"inference_deadline_s must be positive, got {self.inference_deadline_s}")
 
     def check_obs(self, obs: dict[str, np.ndarray]) -> None:
         for k, v in obs.items():
@@ -408,9 +417,26 @@ class _Worker:
             except BaseException as e:  # noqa: BLE001 - handed to the control thread, which stops the robot
                 self.results.put((tick, None, time.perf_counter() - t0, e))
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Ask the worker to finish and wait for it; a hung policy call is left behind (a daemon thread)."""
         self.requests.put(None)
-        self.thread.join(timeout=30.0)
+        self.thread.join(timeout=timeout_s)
+
+
+def _stop(robot: Robot, guard: SafetyGuard | None) -> list[str]:
+    """Stop the robot: with a guard (a fault stopped the run), the declared safe action first; then its own
+    ``stop``. Errors are collected, not raised, so that both always run."""
+    errors = []
+    if guard is not None:
+        try:
+            robot.send_action(guard.safe())
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"safe action: {type(e).__name__}: {e}")
+    try:
+        robot.stop()
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"stop: {type(e).__name__}: {e}")
+    return errors
 
 
 def run_wallclock(
@@ -424,25 +450,40 @@ def run_wallclock(
     log: Callable[[dict], None] | None = None,
     latency_scale: float = 1.0,
     should_stop: Callable[[], bool] | None = None,
+    guard: SafetyGuard | None = None,
 ) -> dict:
     """Drive ``robot`` at ``config.control_hz`` on the wall clock for up to ``max_steps`` ticks.
 
     The policy runs on a worker thread; the control thread sleeps to each tick's deadline, moves finished chunks
     into the queue, asks for the next one (synchronously: when the queue is empty; asynchronously: ahead, by the
     p95 of the latencies seen so far), and sends the queued action or the miss policy's. The watchdog stops the
-    robot safely after ``max_consecutive_misses`` misses in a row, on a NaN observation, or on an exception
-    (the policy's included); Ctrl-C stops it too. ``log`` gets one dict per tick. Returns a summary dict with
-    ``stopped`` (the reason, or None when ``max_steps`` or ``should_stop`` ended the run). The worker thread is
-    always joined before returning.
+    robot safely after ``max_consecutive_misses`` misses in a row, an inference past the watchdog's deadline, a
+    NaN observation, or an exception (the policy's and the robot's included); Ctrl-C stops it too. With a
+    ``guard`` (``bac.safety``) every action is checked and limited before it is sent, an unsafe one (wrong shape,
+    NaN) stops the robot, and a stop for any of these reasons first sends the declared safe action. ``log`` gets
+    one dict per tick. Returns a summary dict with ``stopped`` (the reason, or None when ``max_steps`` or
+    ``should_stop`` ended the run) and ``safety`` (what the guard did). The worker thread is joined before
+    returning unless an inference hangs past its deadline (it is then left behind as a daemon thread).
     """
     config = config or LoopConfig(mode="realtime")
     watchdog = watchdog or Watchdog()
+    deadline_s = watchdog.inference_deadline_s
     dt = config.dt
-    stream = Stream(config, n_obs_steps, n_action_steps, robot.hold_action)
+
+    def hold(last):  # the robot's hold, from the last action actually sent; the safe action if it fails
+        try:
+            return robot.hold_action(guard.last_sent if guard is not None else last)
+        except Exception:  # noqa: BLE001
+            if guard is None:
+                raise
+            return guard.safe()
+
+    stream = Stream(config, n_obs_steps, n_action_steps, hold)
     worker = _Worker(predict, latency_scale)
     stopped: str | None = None
     consecutive = 0
     tick = 0
+    requested_at = time.monotonic()
     t_start = time.monotonic()
     try:
         obs = robot.get_observation()
@@ -451,7 +492,10 @@ def run_wallclock(
         # The first chunk: the robot waits at rest for it, and the episode clock starts when it arrives.
         worker.requests.put((0, stream.history.stacked()))
         stream.start(0, float("inf"), 0.0)
-        _, chunk, lat, err = worker.results.get()
+        try:
+            _, chunk, lat, err = worker.results.get(timeout=deadline_s)
+        except queue.Empty:
+            raise SafeStop(f"the first inference exceeded its {1e3 * deadline_s:.0f} ms deadline") from None
         if err is not None:
             raise err
         stream.stats.latencies_s[-1] = lat
@@ -473,13 +517,22 @@ def run_wallclock(
                 stream.stats.latencies_s[-1] = lat
                 stream.inflight = (obs_tick, now, chunk)
             stream.deliver_ready(tick, now)
+            waited = time.monotonic() - requested_at
+            if deadline_s is not None and stream.inflight is not None and stream.inflight[2] is None and waited > deadline_s:
+                raise SafeStop(f"an inference exceeded its {1e3 * deadline_s:.0f} ms deadline ({1e3 * waited:.0f} ms)")
             lat_p95 = float(np.percentile(stream.stats.latencies_s, 95)) if stream.stats.latencies_s else 0.0
             if stream.wants_chunk(tick, lat_p95):
                 worker.requests.put((tick, stream.history.stacked()))
+                requested_at = time.monotonic()
                 stream.start(tick, float("inf"), 0.0)  # ready time set when the worker answers
             misses_before = stream.stats.deadline_misses
             action = stream.act(tick)
             consecutive = consecutive + 1 if stream.stats.deadline_misses > misses_before else 0
+            if guard is not None:
+                try:
+                    action = guard.filter(action)
+                except UnsafeAction as e:
+                    raise SafeStop(f"unsafe action refused: {e}") from None
             robot.send_action(action)
             obs = robot.get_observation()
             watchdog.check_obs(obs)
@@ -487,7 +540,7 @@ def run_wallclock(
             if log is not None:
                 log({"tick": tick, "t_s": round(time.monotonic() - t_start, 4), "miss": consecutive > 0,
                      "action": np.asarray(action).round(4).tolist()})
-            if consecutive > watchdog.max_consecutive_misses:
+            if consecutive >= watchdog.max_consecutive_misses:
                 raise SafeStop(f"{consecutive} deadline misses in a row (limit {watchdog.max_consecutive_misses})")
             tick += 1
     except SafeStop as e:
@@ -496,13 +549,13 @@ def run_wallclock(
         stopped = "interrupted (Ctrl-C)"
     except Exception as e:  # noqa: BLE001 - any failure stops the robot; the reason is reported
         stopped = f"exception: {type(e).__name__}: {e}"
-    finally:
-        try:
-            robot.stop()
-        finally:
-            worker.close()
+    finally:  # runs whatever happened above, and raises nothing itself
+        stop_errors = _stop(robot, guard if stopped is not None else None)
+        worker.close(timeout_s=1.0 if stopped is not None else 30.0)
     elapsed = time.monotonic() - t_start
     summary = {"ticks": tick, "elapsed_s": round(elapsed, 3), "stopped": stopped} | stream.stats.to_json()
+    summary["safety"] = dict(guard.counts) if guard is not None else None
+    summary["stop_errors"] = stop_errors
     summary["control_hz"] = round(stream.stats.executed / elapsed, 2) if elapsed > 0 else 0.0
     if log is not None:
         log({"summary": summary})

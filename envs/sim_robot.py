@@ -41,6 +41,10 @@ class SimRobot:
             raise AttributeError(f"{type(self.env).__name__} declares no hold_action; the loop cannot hold it safely")
         return fn(last)
 
+    def safe_action(self) -> np.ndarray:
+        """The action to stop with, declared once: the env's hold from rest (no motion, gripper open)."""
+        return self.hold_action(None)
+
     def stop(self) -> None:
         """Safe stop: one hold action (stand still, gripper kept), then refuse further actions."""
         if not self.stopped:

@@ -147,7 +147,7 @@ class FakeRobot:
 def wall(robot, predict, steps=30, **kw):
     threads = threading.active_count()
     out = run_wallclock(robot, predict, 2, 8, steps, LoopConfig(mode="realtime", control_hz=robot.control_hz), **kw)
-    assert threading.active_count() == threads  # the policy worker is joined
+    assert threading.active_count() <= threads  # the policy worker is joined (one left by an earlier test may end)
     assert robot.stopped
     return out
 
@@ -185,7 +185,7 @@ def test_watchdog_stops_after_consecutive_misses():
         return planner(8)(obs)
 
     out = wall(FakeRobot(), slow, steps=200, watchdog=Watchdog(max_consecutive_misses=5))
-    assert "deadline misses in a row" in out["stopped"] and out["deadline_misses"] == 6
+    assert out["stopped"] == "5 deadline misses in a row (limit 5)" and out["deadline_misses"] == 5  # at the limit, not one past it
 
 
 def test_ctrl_c_stops_the_robot_and_joins_the_worker():

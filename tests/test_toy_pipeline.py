@@ -238,6 +238,35 @@ def test_deploy_on_the_simulated_robot_logs_every_tick(toy_checkpoint, tmp_path,
     assert json.loads((tmp_path / "summary.json").read_text())["task"] == "toy"
 
 
+@pytest.mark.parametrize("fault, reason", [("nan", "NaN"), ("wrong_size", "shape (1,); the robot takes (2,)"),
+                                           ("hang", "inference exceeded its 500 ms deadline"),
+                                           ("send_error", "ConnectionError")])
+def test_deploy_with_an_injected_fault_stops_the_robot_with_its_safe_action(toy_checkpoint, tmp_path, fault, reason):
+    import eval.deploy as deploy
+
+    cfg = compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "deploy.max_steps=60", f"deploy.fault={fault}",
+                      "deploy.fault_at=2", "deploy.inference_deadline_ms=500", "deploy.max_consecutive_misses=1000",
+                      config_name="deploy")
+    sent = []
+    from envs.sim_robot import SimRobot
+
+    real_send = SimRobot.send_action
+
+    def record(self, action):
+        sent.append(np.asarray(action).copy())
+        real_send(self, action)
+
+    SimRobot.send_action = record
+    try:
+        s = deploy.deploy(cfg, tmp_path)
+    finally:
+        SimRobot.send_action = real_send
+    assert reason in s["stopped"] and s["stop_errors"] == []
+    assert all(a.shape == (2,) and np.all(np.isfinite(a)) for a in sent)  # only checked actions reached it
+    assert s["safety"]["safe_actions_sent"] >= 1 and np.array_equal(sent[-1], [0.0, 0.0])
+    assert json.loads((tmp_path / "summary.json").read_text())["safety"]["checked"] >= len(sent) - 1
+
+
 def test_wall_clock_episodes_through_run(toy_checkpoint, tmp_path):
     cfg = compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "eval.n_episodes=2", "loop=realtime",
                       "loop.clock=wall", "eval.latency_trials=2", "loop.latency_samples=2")
