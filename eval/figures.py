@@ -275,10 +275,11 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     if a.cmd == "heatmaps":
         ckpt = Path(a.checkpoint)
-        path = heatmaps(ckpt, a.metric, Path(a.out or ckpt / "calibration" / f"heatmaps_{a.metric}.png"))
+        path = heatmaps(ckpt, a.metric, Path(a.out or ROOT / "docs" / "figures" / f"{ckpt.name}_heatmaps_{a.metric}.png"))
     elif a.cmd == "step-error":
         ckpt = Path(a.checkpoint)
-        path = step_error(ckpt, a.n_updates, a.n_bubble, Path(a.out or ckpt / "calibration" / f"step_error_S{a.n_updates}.png"))
+        path = step_error(ckpt, a.n_updates, a.n_bubble,
+                          Path(a.out or ROOT / "docs" / "figures" / f"{ckpt.name}_step_error_S{a.n_updates}.png"))
     elif a.cmd == "frames":
         path = frames([Path(v) for v in a.videos], Path(a.out), a.n_frames)
     elif a.cmd == "realtime":

@@ -21,7 +21,19 @@ ORDER = ["none", "uniform", "unified_acs", "blockwise_acs", "bac"]
 
 
 def load(dirs: list[Path]) -> list[dict]:
-    rows = [json.loads(p.read_text()) | {"_path": str(p.parent)} for d in dirs for p in sorted(d.rglob("summary.json"))]
+    """Every eval/run.py ``summary.json`` under ``dirs``; a file that cannot be read, or that is not a rollout
+    summary (a deploy or bench one), is skipped and named."""
+    rows = []
+    for p in (p for d in dirs for p in sorted(d.rglob("summary.json"))):
+        try:
+            row = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"skipping {p}: unreadable ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
+        if not isinstance(row, dict) or "success_rate" not in row:
+            print(f"skipping {p}: not a rollout summary (no success_rate)", file=sys.stderr)
+            continue
+        rows.append(row | {"_path": str(p.parent)})
     if not rows:
         raise FileNotFoundError(f"no summary.json under {[str(d) for d in dirs]}")
     return rows

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -160,6 +161,43 @@ def probe_obs(env, policy, seed: int) -> dict[str, np.ndarray]:
 
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
+    """Roll out ``cfg`` into ``out_dir`` (held by this run alone while it runs) and return the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(out_dir):
+        return _evaluate(cfg, out_dir)
+
+
+@contextmanager
+def run_lock(out_dir: Path):
+    """One run per results folder: ``.run.lock`` holds the writer's pid; a second run into a folder whose writer
+    is alive is refused (a lock left by a dead process is taken over)."""
+    lock = out_dir / ".run.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale: its writer is gone
+                continue
+            except PermissionError:
+                pass  # alive, another user's
+            raise FileExistsError(f"{out_dir} is being written by another run (pid {pid}); wait for it or choose "
+                                  "another folder") from None
+    else:
+        raise FileExistsError(f"could not take the lock {lock}")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     if int(cfg.eval.n_episodes) < 1 or int(cfg.eval.n_envs) < 1:
         raise ValueError(f"eval.n_episodes and eval.n_envs must be >= 1, got {cfg.eval.n_episodes} and {cfg.eval.n_envs}")
     if cfg.loop.budget_ms is not None and not float(cfg.loop.budget_ms) > 0:

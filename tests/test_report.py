@@ -33,3 +33,24 @@ def test_overlapping_seeds_or_other_knobs_stay_apart():
     assert len(merge_runs(teacache)) == 2  # knobs outside any schedule count too
     retrained = dict(run((50, 99), 25), model_hash="b")  # the same folder, other weights
     assert len(merge_runs([dict(run((0, 49), 20), model_hash="a"), retrained])) == 2
+
+
+def test_load_skips_and_names_files_it_cannot_use(tmp_path, capsys):
+    import json
+
+    from eval.report import load
+
+    good = run((0, 49), 20)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "summary.json").write_text(json.dumps({k: v for k, v in good.items() if k != "_path"}))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "summary.json").write_text("")  # a crash left it empty
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "summary.json").write_text(json.dumps({"task": "lift", "ticks": 40, "stopped": None}))  # deploy
+    rows = load([tmp_path])
+    assert len(rows) == 1 and rows[0]["_path"] == str(tmp_path / "a")
+    err = capsys.readouterr().err
+    assert f"skipping {tmp_path / 'b' / 'summary.json'}: unreadable" in err
+    assert f"skipping {tmp_path / 'c' / 'summary.json'}: not a rollout summary" in err
+    with pytest.raises(FileNotFoundError, match="no summary.json"):
+        load([tmp_path / "b"])

@@ -294,3 +294,17 @@ def test_cache_knobs_and_task_are_checked_before_anything_runs(toy_checkpoint, t
         run.evaluate(compose_cfg("env=robomimic", "env.task=stack"), tmp_path / "stack")
     with pytest.raises(ValueError, match="eval.n_episodes and eval.n_envs must be >= 1"):
         run.evaluate(compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "eval.n_episodes=0"), tmp_path / "z")
+
+
+def test_a_results_folder_is_held_by_one_run(toy_checkpoint, tmp_path):
+    import os
+
+    cfg = compose_cfg("env=toy", f"policy.checkpoint={toy_checkpoint}", "eval.n_episodes=2", "eval.n_envs=2",
+                      "eval.latency_trials=1")
+    (tmp_path / ".run.lock").write_text(str(os.getppid()))  # a live process holds it
+    with pytest.raises(FileExistsError, match=f"being written by another run \\(pid {os.getppid()}\\)"):
+        run.evaluate(cfg, tmp_path)
+    (tmp_path / ".run.lock").write_text("999999999")  # its writer is gone: taken over
+    assert run.evaluate(cfg, tmp_path)["n_episodes"] == 2
+    assert not (tmp_path / ".run.lock").exists()  # released
+
