@@ -102,23 +102,33 @@ def test_predict_action_shapes_and_seeded_determinism():
     assert torch.equal(out1["action"], out1["action_pred"][:, 1:5])
 
 
+class StepRecorder:
+    """A step cursor that logs each session ("session", K) and each announced step (k, t)."""
+
+    def __init__(self):
+        self.log: list = []
+
+    @contextlib.contextmanager
+    def session(self, num_steps):
+        self.log.append(("session", num_steps))
+        yield
+
+    def step(self, k, t):
+        self.log.append((k, int(t)))
+
+    @property
+    def steps(self) -> list:
+        """The announced step indices, with each session as ("session", K)."""
+        return [e if e[0] == "session" else e[0] for e in self.log]
+
+
 def test_ddim_option_runs_fewer_steps():
     policy = small_policy(scheduler="ddim", num_inference_steps=5)
-    calls, sessions = [], []
-
-    class Recorder:
-        @contextlib.contextmanager
-        def session(self, num_steps):
-            sessions.append(num_steps)
-            yield
-
-        def step(self, k, t):
-            calls.append((k, int(t)))
-
-    policy.step_cursor = Recorder()
+    policy.step_cursor = rec = StepRecorder()
     policy.predict_action(obs_batch(B=1), generator=torch.Generator().manual_seed(0))
-    assert sessions == [5] and [k for k, _ in calls] == [0, 1, 2, 3, 4]
-    assert [t for _, t in calls] == sorted((t for _, t in calls), reverse=True)
+    assert rec.steps == [("session", 5), 0, 1, 2, 3, 4]
+    ts = [t for _, t in rec.log[1:]]
+    assert ts == sorted(ts, reverse=True)
 
 
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
@@ -126,20 +136,9 @@ def test_ddim_option_runs_fewer_steps():
 def test_every_sampler_runs_any_step_count(scheduler, K):
     """DDPM (strided), DDIM and the multistep solvers sample in exactly K announced steps, reproducibly."""
     policy = small_policy(scheduler=scheduler, num_inference_steps=K)
-    steps = []
-
-    class Recorder:
-        @contextlib.contextmanager
-        def session(self, num_steps):
-            steps.append(("session", num_steps))
-            yield
-
-        def step(self, k, t):
-            steps.append(k)
-
-    policy.step_cursor = Recorder()
+    policy.step_cursor = rec = StepRecorder()
     out = [policy.predict_action(obs_batch(B=2), generator=torch.Generator().manual_seed(0))["action"] for _ in range(2)]
-    assert steps == [("session", K), *range(K)] * 2
+    assert rec.steps == [("session", K), *range(K)] * 2
     assert torch.isfinite(out[0]).all() and torch.equal(out[0], out[1])
 
 

@@ -1,8 +1,6 @@
 """Cross-chunk reuse: the warm start's shift, its memory per stream, the policy's partial run, and exactness."""
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +10,7 @@ from bac.loop import LoopConfig, simulate
 from bac.schedule import compute_all, uniform
 from bac.warmstart import WarmStart
 from tests.test_loop import ClockEnv
-from tests.test_policy import obs_batch, small_policy
+from tests.test_policy import StepRecorder, obs_batch, small_policy
 
 
 def test_guess_is_the_previous_trajectory_shifted_by_the_ticks_since():
@@ -101,23 +99,11 @@ def test_zero_warm_start_equals_the_plain_loop_exactly():
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmsolver", "unipc"])
 def test_policy_warm_start_runs_the_last_steps_and_checks_its_guess(sampler):
     policy = small_policy(scheduler=sampler, num_inference_steps=6)
-    steps = []
-
-    class Recorder:
-        @contextlib.contextmanager
-        def session(self, num_steps):
-            steps.append(("session", num_steps))
-            yield
-
-        def step(self, k, t):
-            steps.append(k)
-
-    policy.step_cursor = Recorder()
     obs = obs_batch(B=2)
     guess = policy.predict_action(obs, torch.Generator().manual_seed(0))["action_pred"]
-    steps.clear()
+    policy.step_cursor = rec = StepRecorder()
     out = policy.predict_action(obs, torch.Generator().manual_seed(1), init_action=guess, init_step=4)
-    assert steps == [("session", 6), 4, 5] and torch.isfinite(out["action"]).all()
+    assert rec.steps == [("session", 6), 4, 5] and torch.isfinite(out["action"]).all()
     with pytest.raises(ValueError, match=r"init_action of shape \(2, 8, 4\)"):
         policy.predict_action(obs, init_action=guess[:, :4], init_step=4)
     with pytest.raises(ValueError, match="init_step must be in"):
