@@ -47,6 +47,9 @@ def main(argv=None) -> None:
         manifest["training"]["init_from"] = dict(record["init_from"], demos_command=a.init_collect)
     if a.note:
         manifest["status"] = a.note
+    old = ckpt / "manifest.json"
+    if old.exists() and "weights" in json.loads(old.read_text()):
+        manifest["weights"] = json.loads(old.read_text())["weights"]  # written by save_policy, checked on load
     (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {ckpt / 'manifest.json'}: {s['task']} success {s['success_rate']:.2f} {s['success_ci95']}")
 

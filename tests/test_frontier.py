@@ -56,13 +56,15 @@ def test_grid_turns_keep_into_updates_and_refuses_bad_entries():
 
 
 def test_analyse_marks_reference_interval_and_proxy_correlation():
-    rows = [{"label": lab, "latency_ms": {"p50": lat}, "success": pooled([s], [50]), "mse_vs_ddim100": e}
+    rows = [{"label": lab, "latency_ms": {"p50": lat, "p95": 1.2 * lat}, "success": pooled([s], [50]), "mse_vs_ddim100": e}
             for lab, lat, s, e in [("ref", 300, 40, 0.0), ("fast", 10, 39, 0.01), ("faster", 5, 10, 0.2),
                                    ("mid", 30, 35, 0.02)]]
     out = frontier.analyse(rows, "ref")
     assert out["pareto"] == ["faster", "fast", "ref"]
     assert out["fastest_within_reference"] == "fast" and "faster" not in out["within_reference"]
     assert out["proxy_spearman"]["mse_vs_ddim100"] == pytest.approx(1.0)
+    recommended = {r["budget_ms"]: r["label"] for r in out["recommended"]}
+    assert recommended[10] == "faster" and recommended[15] == "fast" and recommended[400] == "ref"
 
 
 @pytest.fixture(scope="module")

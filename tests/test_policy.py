@@ -200,3 +200,31 @@ def test_checkpoint_round_trip(tmp_path):
 def test_missing_checkpoint_names_file_and_command(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model.safetensors is missing; train one with `python eval/train.py"):
         load_policy(tmp_path / "nope")
+
+
+def test_checkpoint_verifies_its_weights_and_config(tmp_path):
+    """A flipped bit in the weights, or an edit of a config field that changes what the model computes, is an
+    error naming it; inference-time options stay overrides."""
+    import shutil
+
+    policy = small_policy()
+    save_policy(policy, tmp_path / "ok")
+    assert json.loads((tmp_path / "ok" / "manifest.json").read_text())["weights"]["config"]["n_head"] == 4
+    load_policy(tmp_path / "ok", num_inference_steps=5, scheduler="ddim")  # overrides are not edits
+
+    flipped = tmp_path / "flipped"
+    shutil.copytree(tmp_path / "ok", flipped)
+    raw = bytearray((flipped / "model.safetensors").read_bytes())
+    raw[-100] ^= 0x01  # one bit of one weight
+    (flipped / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="model.safetensors does not match the sha256"):
+        load_policy(flipped)
+    for field, value in (("n_head", 8), ("beta_schedule", "linear")):
+        edited = tmp_path / field
+        shutil.copytree(tmp_path / "ok", edited)
+        cfg = json.loads((edited / "config.json").read_text())
+        saved = cfg[field]
+        cfg[field] = value
+        (edited / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=f"{field}: saved {saved!r}, now {value!r}"):
+            load_policy(edited)
