@@ -249,9 +249,16 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     t_start = time.time()
     with open(episodes_path, "a") as jsonl:
 
+        ended = []
+
         def on_end(r) -> None:
             jsonl.write(json.dumps(r.to_json()) + "\n")
             jsonl.flush()
+            ended.append(r.success)
+            done, elapsed = len(finished) + len(ended), time.time() - t_start
+            print(f"  episode seed {r.seed}: {'success' if r.success else 'failure'} in {r.steps} steps "
+                  f"[{done}/{n_episodes}, {sum(x.success for x in finished.values()) + sum(ended)} successes, "
+                  f"{elapsed:.0f} s, ETA {elapsed / len(ended) * (n_episodes - done):.0f} s]", flush=True)
 
         if cfg.loop.clock == "wall":
             results += wallclock_episodes(cfg, env_kwargs, todo, predict, policy, loop, on_end)
@@ -329,6 +336,7 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "device": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "wall_time_s": round(time.time() - t_start, 1),
+        "peak_rss_mb": peak_rss_mb(),
         "seeds": [seeds[0], seeds[-1]],
     }
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -377,6 +385,14 @@ def finished_episodes(path: Path, seeds: list[int], resume: bool) -> dict[int, E
         if d.get("seed") in seeds:
             found[d["seed"]] = EpisodeResult(**d)
     return found
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def write_atomic(path: Path, text: str) -> None:
