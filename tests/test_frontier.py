@@ -169,3 +169,24 @@ def test_runner_skips_finished_cells_and_resumes_an_interrupted_one(calibrated, 
     assert summary["budget"]["chosen"]["label"] == choice["chosen"]["label"]
     with pytest.raises(ValueError, match="loop.budget_ms must be positive"):
         run.evaluate(compose_cfg(*base, "loop.budget_ms=0"), tmp_path / "bad")
+
+
+def test_tuner_times_cached_and_warm_cells_of_a_frontier(calibrated, tmp_path):
+    """The budget choice re-times every kind of cell: an online cache (whose FLOPs come from a run) and a warm start."""
+    import eval.tune as tune
+
+    def row(label, sampler, K, knobs=None, start=0, s=3):
+        return {"label": label, "sampler": sampler, "K": K, "start": start, "cache": (knobs or {}).get("name", "none"),
+                "knobs": knobs or {}, "latency_ms": {"p50": 1.0, "p95": 1.0}, "success": pooled([s], [5])}
+
+    rows = [row("ddim-4+fbcache[threshold=0.5]", "ddim", 4, {"name": "fbcache", "threshold": 0.5}, s=5),
+            row("ddim-4@k2", "ddim", 4, start=2, s=4), row("ddim-2", "ddim", 2)]
+    (tmp_path / "frontier.json").write_text(json.dumps({"rows": rows}))
+    cfg = compose_cfg("env=toy", f"policy.checkpoint={calibrated}", f"tune.frontier={tmp_path / 'frontier.json'}",
+                      "tune.trials=2", "tune.warmup=0", "tune.n_obs=2", "loop.budget_ms=10000")
+    choice = tune.tune(cfg, tmp_path / "tune")
+    assert choice["chosen"]["label"] == "ddim-4+fbcache[threshold=0.5]"
+    assert choice["chosen"]["cache"] == {"name": "fbcache", "threshold": 0.5}
+    assert all(r["latency_now_ms"]["p95"] > 0 for r in choice["rows"])
+    applied = tune.apply_choice(cfg, {"chosen": dict(choice["chosen"], warm_start=2)})
+    assert applied.loop.warm_start == 2 and applied.cache.name == "fbcache" and applied.loop.budget_ms is None
