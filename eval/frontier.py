@@ -404,7 +404,7 @@ def plot(rows: list[dict], summary: dict, path: Path, task: str) -> None:
         return
     colors = {"ddpm": "tab:red", "ddim": "tab:blue", "dpmsolver": "tab:green", "unipc": "tab:purple"}
     markers = {"none": "o", "uniform": "s", "bac": "D", "ertacache": "^", "fbcache": "v", "teacache": "P"}
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(12, 6))
     ref = next((r for r in done if r["label"] == summary["reference"]), None)
     if ref is not None:
         lo, hi = ref["success"]["ci95"]
@@ -439,7 +439,7 @@ def plot(rows: list[dict], summary: dict, path: Path, task: str) -> None:
     ax.set_title(f"{task}: success against latency over samplers, step counts and caches")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
