@@ -1,0 +1,182 @@
+"""The frontier's report: pooled success per cell, the Pareto set, the cells within the reference's interval, a
+recommendation per latency budget, the proxies' rank correlation, the table (``frontier.md``, ``frontier.json``)
+and the plot (``frontier.png``). ``eval/frontier.py`` measures what this reads."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from bac.frontier import choose_for_budget, pareto, pooled
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from eval.frontier import Cell
+
+BUDGETS_MS = (10, 15, 20, 30, 40, 60, 100, 200, 400)  # the report's recommended config per p95 budget
+
+
+def collect(cells: list[Cell], out: Path, latency: dict | None) -> list[dict]:
+    """One row per cell: pooled success over its seed sets (only full runs: a folder with a summary.json), and
+    its latency, FLOPs and proxies from ``latency.json``."""
+    lat = (latency or {}).get("cells", {})
+    rows = []
+    for c in cells:
+        summaries = []
+        for f in sorted((out / "cells" / c.label).glob("s*/summary.json")):
+            try:
+                summaries.append(json.loads(f.read_text()))
+            except (OSError, json.JSONDecodeError) as e:
+                print(f"skipping {f}: {e}", flush=True)
+        row = {"label": c.label, "sampler": c.sampler, "K": c.K, "start": c.start, "cache": c.name, "knobs": dict(c.cache),
+               **{k: v for k, v in lat.get(c.label, {}).items() if k not in ("sampler", "K", "start", "cache", "knobs")}}
+        if summaries:
+            row["success"] = pooled([s["n_successes"] for s in summaries], [s["n_episodes"] for s in summaries])
+            row["seed_sets"] = [s["seeds"] for s in summaries]
+            row["mean_episode_steps"] = round(float(np.mean([s["mean_episode_steps"] for s in summaries])), 1)
+        rows.append(row)
+    return rows
+
+
+def analyse(rows: list[dict], reference: str) -> dict:
+    """Pareto set (p50 latency against pooled success), the cells at or above the reference's lower interval
+    bound, the fastest of those, and each proxy's Spearman rank correlation with success."""
+    done = [r for r in rows if "success" in r and "latency_ms" in r]
+    front = [done[i]["label"] for i in pareto([r["latency_ms"]["p50"] for r in done],
+                                              [r["success"]["rate"] for r in done])]
+    ref = next((r for r in done if r["label"] == reference), None)
+    within = []
+    if ref is not None:
+        lo = ref["success"]["ci95"][0]
+        within = sorted((r for r in done if r["success"]["rate"] >= lo), key=lambda r: r["latency_ms"]["p50"])
+    proxies = {}
+    for key in ("mse_vs_ddpm100", "mse_vs_ddim100"):
+        pts = [(r[key], r["success"]["rate"]) for r in done if key in r]
+        if len(pts) >= 3:
+            proxies[key] = round(spearman([-a for a, _ in pts], [b for _, b in pts]), 3)
+    recommended = []
+    for budget in BUDGETS_MS:
+        if done:
+            pick = choose_for_budget(done, budget, latency=lambda r: r["latency_ms"]["p95"],
+                                     successes=lambda r: (r["success"]["successes"], r["success"]["episodes"]))
+            if pick["meets_budget"]:
+                recommended.append({"budget_ms": budget, "label": pick["row"]["label"],
+                                    "success": pick["row"]["success"], "p95_ms": pick["row"]["latency_ms"]["p95"]})
+    return {"pareto": front, "reference": reference, "recommended": recommended,
+            "reference_ci95": ref["success"]["ci95"] if ref else None,
+            "within_reference": [r["label"] for r in within],
+            "fastest_within_reference": within[0]["label"] if within else None,
+            "proxy_spearman": proxies, "n_cells_done": len(done)}
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(x):
+        x = np.asarray(x, dtype=float)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):  # ties share their mean rank
+            r[x == v] = r[x == v].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def write_report(cfg: DictConfig, rows: list[dict], summary: dict, out: Path, latency: dict | None) -> None:
+    from eval.run import write_atomic
+
+    meta = (latency or {}).get("meta", {})
+    write_atomic(out / "frontier.json", json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=2) + "\n")
+    front = set(summary["pareto"])
+    within = set(summary["within_reference"])
+    lines = [f"# Frontier: {cfg.env.task}", "",
+             f"`python eval/frontier.py env={cfg.env.name} env.task={cfg.env.task}` — success over "
+             f"{cfg.frontier.n_episodes}-episode seed sets (pooled where a cell has several), batch-1 latency of one "
+             f"action chunk timed in one process in {meta.get('trials', '?')} interleaved rounds on "
+             f"{meta.get('device', '?')}. ★ Pareto set; ✓ success at or above the lower end of "
+             f"{summary['reference']}'s 95% interval {summary['reference_ci95']}.", "",
+             "| config | success [95% CI] | episodes | p50 ms | p95 ms | FLOPs | MSE vs DDPM-100 | MSE vs DDIM-100 | |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r.get("latency_ms", {}).get("p50", float("inf"))):
+        s = r.get("success")
+        succ = f"{s['rate']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]" if s else "not run"
+        lat = r.get("latency_ms", {})
+        mark = ("★" if r["label"] in front else "") + ("✓" if r["label"] in within else "")
+        lines.append(f"| {r['label']} | {succ} | {s['episodes'] if s else 0} | {lat.get('p50', float('nan')):.1f} | "
+                     f"{lat.get('p95', float('nan')):.1f} | {r.get('flops_ratio', float('nan')):.3f} | "
+                     f"{r.get('mse_vs_ddpm100', float('nan')):.2e} | {r.get('mse_vs_ddim100', float('nan')):.2e} | "
+                     f"{mark} |")
+    lines += ["", "Recommended per latency budget (the highest measured success whose frontier p95 meets the budget, "
+              "the faster on a tie; `eval/tune.py` re-times the candidates on the device it runs on):", "",
+              "| p95 budget | config | success [95% CI] | p95 ms |", "|---|---|---|---|"]
+    for rec in summary["recommended"]:
+        s = rec["success"]
+        lines.append(f"| {rec['budget_ms']} ms | {rec['label']} | {s['rate']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}] | "
+                     f"{rec['p95_ms']:.1f} |")
+    lines += ["", f"Pareto set (fastest first): {', '.join(summary['pareto']) or '-'}.",
+              f"Fastest config within {summary['reference']}'s interval: {summary['fastest_within_reference'] or '-'}.",
+              "Rank correlation of each action-error proxy (lower error = better) with rollout success over the "
+              f"{summary['n_cells_done']} cells: " + (", ".join(f"{k} {v:+.2f}" for k, v in summary["proxy_spearman"].items())
+                                                     or "-") + ".", ""]
+    write_atomic(out / "frontier.md", "\n".join(lines))
+    plot(rows, summary, out / "frontier.png", str(cfg.env.task))
+    print("\n".join(lines), flush=True)
+
+
+def plot(rows: list[dict], summary: dict, path: Path, task: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "success" in r and "latency_ms" in r]
+    if not done:
+        return
+    colors = {"ddpm": "tab:red", "ddim": "tab:blue", "dpmsolver": "tab:green", "unipc": "tab:purple"}
+    markers = {"none": "o", "uniform": "s", "bac": "D", "ertacache": "^", "fbcache": "v", "teacache": "P"}
+    fig, ax = plt.subplots(figsize=(12, 6))
+    ref = next((r for r in done if r["label"] == summary["reference"]), None)
+    if ref is not None:
+        lo, hi = ref["success"]["ci95"]
+        ax.axhspan(lo, hi, color="0.9", zorder=0, label=f"{summary['reference']} 95% interval")
+    seen = set()
+    for r in done:
+        x, s = r["latency_ms"]["p50"], r["success"]
+        lo, hi = s["ci95"]
+        warm = bool(r.get("start"))
+        key = (r["sampler"], r["cache"], warm)
+        name = r["sampler"] + (" + warm start" if warm else "") + ("" if r["cache"] == "none" else f" + {r['cache']}")
+        ax.errorbar(x, s["rate"], yerr=[[s["rate"] - lo], [hi - s["rate"]]],
+                    fmt="*" if warm else markers.get(r["cache"], "X"), color=colors.get(r["sampler"], "k"),
+                    ms=9 if warm else 6, capsize=2, alpha=0.85, label=None if key in seen else name)
+        seen.add(key)
+        if (r["cache"] == "none" and not warm) or r["label"] in summary["pareto"]:
+            ax.annotate(r["label"].split("[")[0].replace("+", "\n+"), (x, s["rate"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=6)
+    front = [next(r for r in done if r["label"] == lab) for lab in summary["pareto"]]
+    ax.step([r["latency_ms"]["p50"] for r in front], [r["success"]["rate"] for r in front], where="post",
+            color="k", lw=1, ls="--", label="Pareto front")
+    ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xticks([t for t in (2, 5, 10, 20, 50, 100, 200, 500) if t <= 2 * max(r["latency_ms"]["p50"] for r in done)])
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    xs = [r["latency_ms"]["p50"] for r in done]
+    ax.set_xlim(min(xs) / 1.25, max(xs) * 1.4)
+    ax.set_xlabel("batch-1 latency per action chunk, p50 (ms, log scale)")
+    ax.set_ylabel("success rate (95% Wilson interval)")
+    ax.set_title(f"{task}: success against latency over samplers, step counts and caches")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
