@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from policies.data import file_sha256
 from policies.diffusion_policy import DiffusionTransformerPolicy, DPTConfig
 from policies.normalizer import Normalizer
 
@@ -31,19 +32,9 @@ def weights_record(directory: Path) -> dict:
     """What the weights were saved with: the sha256 of ``model.safetensors`` and ``normalizer.json`` and the
     config fields that define the model's function (``manifest.json``'s ``weights`` block)."""
     cfg = json.loads((directory / "config.json").read_text())
-    return {"model_sha256": _sha256(directory / "model.safetensors"),
-            "normalizer_sha256": _sha256(directory / "normalizer.json"),
+    return {"model_sha256": file_sha256(directory / "model.safetensors"),
+            "normalizer_sha256": file_sha256(directory / "normalizer.json"),
             "config": {k: v for k, v in sorted(cfg.items()) if k not in INFERENCE_FIELDS}}
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_weights_record(directory: Path) -> None:
