@@ -59,9 +59,7 @@ def denoise(
     # None for a step that draws its own.
     zs = (fast_step.draw_noise(noise, generator) if fast_step is not None else None) or [None] * len(timesteps)
     with cursor.session(len(timesteps)) if cursor is not None else nullcontext():
-        for k, t in enumerate(timesteps):
-            if k < start:
-                continue
+        for k, t in enumerate(timesteps[start:], start):  # a warm start skips steps 0 .. start-1
             if cursor is not None:
                 cursor.step(k, t)
             out = model_fn(x, t, k)
