@@ -2,7 +2,8 @@
 
 A config (a sampler, its step count K, a cache method and its knobs) is a point of cost (batch-1 latency of one
 action chunk) and value (rollout success rate). These rules know nothing of models or caches: ``eval/frontier.py``
-measures the points, ``eval/tune.py`` and ``loop.budget_ms`` choose among them.
+measures the points, ``eval/tune.py`` and ``loop.budget_ms`` choose among them (``choose_for_budget`` over the
+frontier; ``choose_updates`` for one cache method's budget S).
 """
 from __future__ import annotations
 
@@ -38,6 +39,20 @@ def choose_for_budget(rows: Sequence[dict], budget_ms: float, latency: Callable[
         return {"row": min(rows, key=latency), "meets_budget": False, "candidates": []}
     best = max(ok, key=lambda r: (successes(r)[0] / successes(r)[1], -latency(r)))
     return {"row": best, "meets_budget": True, "candidates": ok}
+
+
+def choose_updates(rows: Sequence[dict], budget_ms: float) -> dict:
+    """One cache method's budget S for a latency budget: among ``rows`` ({"n_updates", "latency_ms": {"p95"}, ...},
+    the uncached policy with n_updates = K among them), the one with the most computed steps whose p95 meets
+    ``budget_ms``; if none does, the fastest row with ``meets_budget`` False (so the caller can say so)."""
+    if not budget_ms > 0:
+        raise ValueError(f"the latency budget must be positive, got {budget_ms} ms")
+    if not rows:
+        raise ValueError("no timed configs to choose from")
+    ok = [r for r in rows if r["latency_ms"]["p95"] <= budget_ms]
+    if ok:
+        return dict(max(ok, key=lambda r: r["n_updates"]), meets_budget=True)
+    return dict(min(rows, key=lambda r: r["latency_ms"]["p95"]), meets_budget=False)
 
 
 def pooled(successes: Sequence[int], episodes: Sequence[int]) -> dict:

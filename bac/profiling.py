@@ -20,7 +20,8 @@ import torch
 
 from bac.blocks import BlockInfo
 from bac.schedule import Schedule
-from bac.strategies import Forecaster, rel_l1
+from bac.forecasters import Forecaster
+from bac.strategies import rel_l1
 
 
 def _rel_l1(cur: np.ndarray, prev: np.ndarray) -> np.ndarray:

@@ -47,7 +47,7 @@ class EpisodeResult:
     n_chunks: int
     sim_time_s: float
     frames: list = field(default_factory=list, repr=False)
-    loop: dict | None = None  # the control loop's per-episode stats (bac.loop.LoopStats.to_json)
+    loop: dict | None = None  # the control loop's per-episode stats (bac.stream.LoopStats.to_json)
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -1,4 +1,4 @@
-"""A simulated robot behind the wall-clock loop's ``Robot`` interface (``bac.loop.Robot``).
+"""A simulated robot behind the wall-clock loop's ``Robot`` interface (``bac.wallclock.Robot``).
 
 On hardware the world moves whether or not the policy has answered; here the simulator advances one control
 period per ``send_action``, and the wall-clock loop sends an action (the queued one or the hold action) at every

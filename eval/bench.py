@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -34,24 +33,15 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from bac.metrics import latency_stats  # noqa: E402
+from bac.timing import Timed, device_sync, time_interleaved  # noqa: E402
+from eval.common import (device_name, load_bench_obs, method_defaults, pick_device, print_columns,  # noqa: E402,F401
+                         resolve_path)
 from policies import load_policy  # noqa: E402
-from policies.caching import (SCHEDULE_METHODS, bench_obs_path, disable_cache, enable_cache,  # noqa: E402
-                              make_cache)
-
-
-def load_bench_obs(policy, checkpoint: Path, n: int) -> dict[str, torch.Tensor]:
-    """Held-out observations saved by eval/calibrate.py (key -> (N, To, d))."""
-    path = bench_obs_path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; make it with `python eval/calibrate.py policy.checkpoint={checkpoint}`")
-    with np.load(path, allow_pickle=False) as z:
-        return {k: torch.from_numpy(z[k][:n]) for k in policy.config.obs_keys}
+from policies.caching import SCHEDULE_METHODS, disable_cache, enable_cache, make_cache  # noqa: E402
 
 
 def bench(cfg: DictConfig, out_dir: Path) -> list[dict]:
     torch.set_num_threads(int(cfg.threads))
-    from eval.run import device_name, pick_device, resolve_path
-
     device = pick_device(str(cfg.device))
     checkpoint = resolve_path(cfg.policy.checkpoint)
     policy = load_policy(checkpoint, device, num_inference_steps=cfg.policy.num_inference_steps,
@@ -78,10 +68,6 @@ def bench(cfg: DictConfig, out_dir: Path) -> list[dict]:
         gen = torch.Generator(device=device).manual_seed(seed)
         return policy.predict_action(o, generator=gen)["action"]
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     # Action error: every config on every held-out observation, identical noise per observation.
     one = [{k: v[i : i + 1] for k, v in obs.items()} for i in range(next(iter(obs.values())).shape[0])]
     reference = [run(o, 1000 + i) for i, o in enumerate(one)]
@@ -102,21 +88,25 @@ def bench(cfg: DictConfig, out_dir: Path) -> list[dict]:
     # rounds, it turns the FLOPs ceiling into the ceiling reachable with that floor (see ``floor_ceiling``).
     K = policy.config.num_inference_steps
     floor = make_cache(policy, checkpoint, {"name": "uniform", "n_updates": 1}) if "none" in rows and K > 1 else None
-    floor_times = []
-    # Latency: interleaved rounds; attach/detach between configs so `none` runs with no engine at all.
+    # Latency: interleaved rounds; attach/detach between configs (off the clock) so `none` runs with no engine at all.
     timed = configs + ([("<floor>", "uniform", 1, floor, None)] if floor is not None else [])
-    for r in range(int(cfg.bench.warmup) + int(cfg.bench.trials)):
-        for label, name, S, schedule, _ in timed:
-            engine = enable_cache(policy, schedule, profile=False) if name != "none" else None
-            o = one[r % len(one)]
-            sync()
-            t0 = time.perf_counter()
-            run(o, r)
-            sync()
-            if r >= int(cfg.bench.warmup):
-                (floor_times if label == "<floor>" else rows[label]["times"]).append(time.perf_counter() - t0)
-            if engine:
-                disable_cache(policy, engine)
+    engines = {}
+
+    def config(label: str, name: str, schedule) -> Timed:
+        def attach(r: int) -> None:
+            engines[label] = enable_cache(policy, schedule, profile=False) if name != "none" else None
+
+        def detach(r: int) -> None:
+            if engines[label] is not None:
+                disable_cache(policy, engines[label])
+
+        return Timed(label, lambda r: run(one[r % len(one)], r), attach, detach)
+
+    times = time_interleaved([config(label, name, schedule) for label, name, _, schedule, _ in timed],
+                             int(cfg.bench.trials), int(cfg.bench.warmup), device_sync(device))
+    floor_times = times.pop("<floor>", [])
+    for label, t in times.items():
+        rows[label]["times"] = t
     base = np.median(rows["none"]["times"]) if "none" in rows else None
     floor_s = (np.median(floor_times) - base / K) / (K - 1) if floor_times else None
     out = []
@@ -152,15 +142,6 @@ def floor_ceiling(uncached_s: float, floor_s: float, K: int, flops_ratio: float)
     return uncached_s / (fixed + flops_ratio * (uncached_s - fixed))
 
 
-def method_defaults(name: str) -> dict:
-    """A cache method's knobs from ``configs/cache/<name>.yaml``."""
-    path = ROOT / "configs" / "cache" / f"{name}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"unknown cache {name!r}; known caches: {known}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-
-
 def print_bench(meta: dict, rows: list[dict]) -> None:
     print(f"{meta['task']}: {meta['scheduler']}-{meta['num_inference_steps']}, {meta['n_layer']} layers x "
           f"{meta['n_emb']}, {meta['trials']} interleaved rounds, {meta['device']}")
@@ -172,8 +153,6 @@ def print_bench(meta: dict, rows: list[dict]) -> None:
         "-" if r.get("floor_ceiling") is None else f"{r['floor_ceiling']:.2f}x ({r['speedup_vs_floor_ceiling']:.2f})",
         f"{r['action_mse']:.2e}", "-" if r.get("decision_ms_per_step") is None else f"{r['decision_ms_per_step']:.3f}",
     ] for r in rows]
-    from eval.run import print_columns
-
     print_columns(lines)
     if meta.get("floor_ms_per_step") is not None:
         print(f"per-step floor (every block reused): {meta['floor_ms_per_step']:.3f} ms, against "

@@ -14,7 +14,7 @@ checked (a bad one stops the robot), it is clipped to the robot's bounds and, wi
 ``deploy.fault=nan|wrong_size|hang|send_error`` injects a fault to exercise that path; the summary's ``safety``
 says what fired. Every tick is appended to ``deploy.jsonl`` in the run folder (flushed as it goes), the
 summary to ``summary.json``. ``deploy.robot=sim`` is the simulator-backed robot (``envs/sim_robot.py``); a real
-robot implements the same four methods (``bac.loop.Robot``).
+robot implements the same four methods (``bac.wallclock.Robot``).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from bac.loop import Watchdog, run_wallclock  # noqa: E402
+from bac.wallclock import Watchdog, run_wallclock  # noqa: E402
 from bac.safety import ActionLimits, SafetyGuard  # noqa: E402
 from envs import make_env  # noqa: E402
 from policies import load_policy  # noqa: E402
@@ -80,8 +80,8 @@ def inject(fault: str | None, at: int, predict, robot):
 
 
 def deploy(cfg: DictConfig, out_dir: Path) -> dict:
-    from eval.run import (build_cache, check_env_matches_policy, chunk_predictor, device_name, loop_config,
-                          pick_device, probe_obs, resolve_path)
+    from eval.common import device_name, pick_device, resolve_path
+    from eval.rollout_setup import build_cache, check_env_matches_policy, chunk_predictor, loop_config, probe_obs
 
     torch.set_num_threads(int(cfg.threads))
     if cfg.deploy.robot not in ROBOTS:

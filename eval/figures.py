@@ -14,7 +14,6 @@ marked.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -92,7 +91,7 @@ def step_errors(policy, schedule, obs) -> np.ndarray:
 
 
 def step_error(checkpoint: Path, n_updates: int, n_bubble: int, out: Path) -> Path:
-    from eval.bench import load_bench_obs
+    from eval.common import load_bench_obs
 
     policy = load_policy(checkpoint)
     obs = load_bench_obs(policy, checkpoint, 8)

@@ -28,7 +28,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -36,91 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import hydra  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from bac.metrics import latency_stats  # noqa: E402
+from eval.common import device_name, pick_device, resolve_path, write_atomic  # noqa: E402
+from eval.frontier_grid import CALIBRATED, Cell, cell_of, grid, parse_pair, select  # noqa: E402,F401 (the grid's API)
 from eval.frontier_report import analyse, collect, write_report  # noqa: E402,F401 (analyse: the report's rules)
-
-CALIBRATED = ("unified_acs", "blockwise_acs", "bac", "profiling", "bac_forecast")
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One config of the grid: a sampler at K steps, uncached (``cache`` empty) or with a cache's knobs."""
-
-    sampler: str
-    K: int
-    cache: tuple = ()  # sorted (knob, value) pairs, "name" among them
-    start: int = 0  # warm start: each chunk starts from the previous one at step k0 = start (loop.warm_start)
-
-    @property
-    def name(self) -> str:
-        return dict(self.cache).get("name", "none")
-
-    @property
-    def label(self) -> str:
-        base = f"{self.sampler}-{self.K}" + (f"@k{self.start}" if self.start else "")
-        if not self.cache:
-            return base
-        knobs = ",".join(f"{k}={v}" for k, v in self.cache if k != "name")
-        return f"{base}+{self.name}" + (f"[{knobs}]" if knobs else "")
-
-    def cache_cfg(self) -> dict:
-        """The full cache config (the method's yaml defaults, then this cell's knobs)."""
-        from eval.bench import method_defaults
-
-        return {**method_defaults(self.name), **dict(self.cache)}
-
-
-def cell_of(row: dict) -> Cell:
-    """The cell a frontier row (``frontier.json``, ``latency.json``) describes."""
-    return Cell(str(row["sampler"]), int(row["K"]), tuple(sorted(row.get("knobs", {}).items())), int(row.get("start", 0)))
-
-
-def grid(fc) -> list[Cell]:
-    """The cells of ``cfg.frontier``: uncached at every (sampler, K), then every cache on ``cached_on``."""
-    cells = [Cell(s, int(K)) for s, Ks in fc.samplers.items() for K in Ks]
-    for pair in fc.cached_on:
-        sampler, K = parse_pair(pair)
-        for entry in fc.caches:
-            knobs = dict(OmegaConf.to_container(entry, resolve=True)) if not isinstance(entry, dict) else dict(entry)
-            keep = knobs.pop("keep", None)
-            if keep is not None:
-                if not 0 < float(keep) <= 1:
-                    raise ValueError(f"frontier.caches: keep must be in (0, 1], got {keep} in {entry}")
-                knobs["n_updates"] = max(1, round(float(keep) * K))
-            cells.append(Cell(sampler, K, tuple(sorted(knobs.items()))))
-    for pair in fc.get("warm_on", []):
-        sampler, K = parse_pair(pair)
-        for keep in fc.get("warm_keep", []):
-            if not 0 < float(keep) < 1:
-                raise ValueError(f"frontier.warm_keep: the share of steps run must be in (0, 1), got {keep}")
-            cells.append(Cell(sampler, K, start=K - max(1, round(float(keep) * K))))
-    labels = [c.label for c in cells]
-    dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
-    if dupes:
-        raise ValueError(f"frontier grid lists cells twice: {dupes}")
-    return cells
-
-
-def parse_pair(pair: str) -> tuple[str, int]:
-    sampler, _, K = str(pair).rpartition("-")
-    if not sampler or not K.isdigit():
-        raise ValueError(f"a (sampler, K) pair is written sampler-K, e.g. ddim-10; got {pair!r}")
-    return sampler, int(K)
-
-
-def select(cells: list[Cell], only) -> list[Cell]:
-    if only is None:
-        return cells
-    by_label = {c.label: c for c in cells}
-    unknown = [lab for lab in only if lab not in by_label]
-    if unknown:
-        raise ValueError(f"frontier.only names cells {unknown} that are not in the grid; known: {sorted(by_label)}")
-    return [by_label[lab] for lab in only]
-
+from eval.latency import measure_cells  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------- latency
 def ensure_calibrations(cfg: DictConfig, cells: list[Cell], checkpoint: Path) -> None:
@@ -141,77 +62,7 @@ def ensure_calibrations(cfg: DictConfig, cells: list[Cell], checkpoint: Path) ->
         calibrate(sub)
 
 
-def measure(cells: list[Cell], checkpoint: Path, device, trials: int, warmup: int, n_obs: int,
-            proxies: bool = True) -> dict:
-    """Batch-1 latency (interleaved rounds), FLOPs ratio and, with ``proxies``, the action-error proxies of every
-    cell, in this process: {label: {sampler, K, cache, knobs, latency_ms, flops_ratio, mse_vs_ddpm100, ...}}."""
-    from eval.bench import load_bench_obs
-    from policies import load_policy
-    from policies.caching import disable_cache, enable_cache, make_cache
-
-    refs_at = [("ddpm", 100), ("ddim", 100)] if proxies else []
-    policies = {}
-    for sampler, K in [(c.sampler, c.K) for c in cells] + refs_at:
-        if (sampler, K) not in policies:
-            policies[(sampler, K)] = load_policy(checkpoint, device, scheduler=sampler, num_inference_steps=K)
-    any_policy = next(iter(policies.values()))
-    obs = load_bench_obs(any_policy, checkpoint, n_obs)
-    one = [{k: v[i : i + 1].to(device) for k, v in obs.items()} for i in range(next(iter(obs.values())).shape[0])]
-    caches = {c.label: make_cache(policies[(c.sampler, c.K)], checkpoint, c.cache_cfg()) if c.cache else None
-              for c in cells}
-
-    def run(cell_policy, o, seed, start=0, init=None):
-        gen = torch.Generator(device=device).manual_seed(seed)
-        return cell_policy.predict_action(o, generator=gen, init_action=init, init_step=start)["action"]
-
-    # A warm-started cell's guess: its own cold trajectory for the same observation, shifted by the Ta executed
-    # actions as the loop shifts it (the next observation is not at hand offline).
-    guesses = {}
-    for c in cells:
-        if c.start and (c.sampler, c.K) not in guesses:
-            p = policies[(c.sampler, c.K)]
-            Ta, T = p.config.n_action_steps, p.config.horizon
-            idx = torch.clamp(torch.arange(T) + Ta, max=T - 1)
-            guesses[(c.sampler, c.K)] = [p.predict_action(o, generator=torch.Generator(device=device).manual_seed(7))
-                                         ["action_pred"][:, idx] for o in one]
-    refs = {key: [run(policies[key], o, 1000 + i) for i, o in enumerate(one)] for key in refs_at}
-    rows = {}
-    for c in cells:
-        p = policies[(c.sampler, c.K)]
-        guess = guesses.get((c.sampler, c.K)) if c.start else None
-        engine = enable_cache(p, caches[c.label]) if c.cache else None
-        # With the proxies off, one run still goes first: an online strategy's FLOPs ratio is what it computed.
-        acts = [run(p, o, 1000 + i, c.start, guess[i] if guess else None) for i, o in enumerate(one)
-                if refs or (engine is not None and i == 0)]
-        err = {f"mse_vs_{s}{K}": float(np.mean([(a - r).pow(2).mean().item() for a, r in zip(acts, refs[(s, K)])]))
-               for s, K in refs}  # empty without proxies
-        rows[c.label] = {"sampler": c.sampler, "K": c.K, "start": c.start, "cache": c.name, "knobs": dict(c.cache), **err,
-                         "flops_ratio": round(engine.flops_ratio(), 4) if engine else 1.0, "times": []}
-        if engine:
-            disable_cache(p, engine)
-    for r in range(warmup + trials):
-        for c in cells:
-            p = policies[(c.sampler, c.K)]
-            engine = enable_cache(p, caches[c.label], profile=False) if c.cache else None
-            guess = guesses[(c.sampler, c.K)][r % len(one)] if c.start else None
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            run(p, one[r % len(one)], r, c.start, guess)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if r >= warmup:
-                rows[c.label]["times"].append(time.perf_counter() - t0)
-            if engine:
-                disable_cache(p, engine)
-    for row in rows.values():
-        row["latency_ms"] = {k: round(v, 3) for k, v in latency_stats(row.pop("times")).items()}
-    return rows
-
-
 def latency_phase(cfg: DictConfig, cells: list[Cell], checkpoint: Path, out: Path) -> dict:
-    from eval.run import device_name, pick_device, write_atomic
-
     path = out / "latency.json"
     have = json.loads(path.read_text()) if path.exists() else None
     if have and not cfg.frontier.retime and all(c.label in have["cells"] for c in cells):
@@ -220,7 +71,7 @@ def latency_phase(cfg: DictConfig, cells: list[Cell], checkpoint: Path, out: Pat
     device = pick_device(str(cfg.device))
     t0 = time.time()
     fc = cfg.frontier
-    rows = measure(cells, checkpoint, device, int(fc.trials), int(fc.warmup), int(fc.n_obs))
+    rows = measure_cells(cells, checkpoint, device, int(fc.trials), int(fc.warmup), int(fc.n_obs))
     result = {"meta": {"task": str(cfg.env.task), "checkpoint": str(cfg.policy.checkpoint), "device": device_name(device),
                        "torch_threads": torch.get_num_threads(), "trials": int(cfg.frontier.trials),
                        "n_obs": int(cfg.frontier.n_obs), "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -281,8 +132,6 @@ def rollout_phase(cfg: DictConfig, cells: list[Cell], checkpoint: Path, out: Pat
 
 
 def frontier(cfg: DictConfig) -> dict:
-    from eval.run import resolve_path
-
     torch.set_num_threads(int(cfg.threads))
     fc = cfg.frontier
     if fc.phase not in ("all", "calibrate", "latency", "rollouts", "report"):

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bac.frontier import choose_for_budget, pareto, pooled
+from eval.common import write_atomic
+from eval.frontier_grid import Cell
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
-
-    from eval.frontier import Cell
 
 BUDGETS_MS = (10, 15, 20, 30, 40, 60, 100, 200, 400)  # the report's recommended config per p95 budget
 
@@ -90,8 +90,6 @@ def spearman(a, b) -> float:
 
 
 def write_report(cfg: DictConfig, rows: list[dict], summary: dict, out: Path, latency: dict | None) -> None:
-    from eval.run import write_atomic
-
     meta = (latency or {}).get("meta", {})
     write_atomic(out / "frontier.json", json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=2) + "\n")
     front = set(summary["pareto"])

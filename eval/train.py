@@ -121,7 +121,7 @@ def init_weights(policy: DiffusionTransformerPolicy, directory: str | Path) -> d
 
 def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
-    from eval.run import device_name, pick_device
+    from eval.common import device_name, pick_device
 
     device = pick_device(args.device)
     if args.time_budget_s is not None and args.time_budget_s <= 0:

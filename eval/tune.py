@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -34,88 +33,106 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from bac.metrics import latency_stats  # noqa: E402
+from bac.frontier import choose_for_budget, choose_updates  # noqa: E402
+from eval.common import (device_name, load_bench_obs, method_defaults, pick_device, print_columns,  # noqa: E402
+                         resolve_path, write_atomic)
+from eval.frontier_grid import cell_of  # noqa: E402
+from eval.latency import measure_budgets, measure_cells  # noqa: E402
 from policies import load_policy  # noqa: E402
-from policies.caching import disable_cache, enable_cache, make_schedule  # noqa: E402
+from policies.caching import make_schedule  # noqa: E402
 
 
-def measure_budgets(policy, checkpoint: Path, method: str, budgets: list[int], obs: list[dict], trials: int,
-                    warmup: int = 2, n_bubble: int = 5, metric: str = "cosine") -> list[dict]:
-    """Batch-1 latency of the uncached policy and of ``method`` at each S in ``budgets``, interleaved rounds.
-
-    Returns one row per config: ``n_updates`` (K for the uncached one), ``cache``, ``latency_ms`` (p50/p95/p99),
-    ``hz`` (1000 / p95: the chunk rate the device sustains), ``flops_ratio``.
-    """
-    K = policy.config.num_inference_steps
-    configs = [("none", K, None)]
-    for S in sorted({int(s) for s in budgets}):
-        if not 1 <= S <= K:
-            raise ValueError(f"tune.n_updates holds S={S}; every S must be in [1, {K}] (the policy's step count)")
-        if S < K:
-            configs.append((method, S, make_schedule(policy, checkpoint, method, n_updates=S, n_bubble=n_bubble,
-                                                     metric=metric)))
-    flops = {}
-    times: dict[int, list[float]] = {S: [] for _, S, _ in configs}
-    device = policy.device
-    for r in range(warmup + trials):
-        for name, S, schedule in configs:
-            engine = enable_cache(policy, schedule, profile=(r == 0)) if schedule is not None else None
-            if engine is not None and r == 0:
-                flops[S] = engine.flops_ratio()
-            gen = torch.Generator(device=device).manual_seed(r)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            policy.predict_action(obs[r % len(obs)], generator=gen)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if r >= warmup:
-                times[S].append(time.perf_counter() - t0)
-            if engine is not None:
-                disable_cache(policy, engine)
-    rows = []
-    for name, S, _ in configs:
-        lat = {k: round(v, 2) for k, v in latency_stats(times[S]).items()}
-        rows.append({"cache": name, "n_updates": S, "latency_ms": lat, "hz": round(1000.0 / lat["p95"], 2),
-                     "flops_ratio": round(flops.get(S, 1.0), 4)})
-    return rows
-
-
-def choose(rows: list[dict], budget_ms: float) -> dict:
-    """The row with the most computed steps whose p95 meets ``budget_ms``; if none does, the fastest row with
-    ``meets_budget`` False (so the caller can say so)."""
-    if not budget_ms > 0:
-        raise ValueError(f"the latency budget must be positive, got {budget_ms} ms")
-    ok = [r for r in rows if r["latency_ms"]["p95"] <= budget_ms]
-    if ok:
-        return dict(max(ok, key=lambda r: r["n_updates"]), meets_budget=True)
-    return dict(min(rows, key=lambda r: r["latency_ms"]["p95"]), meets_budget=False)
-
-
-def pick_budget(cfg, policy, checkpoint: Path, obs: dict) -> dict:
-    """``loop.budget_ms`` in eval/run.py and eval/deploy.py: time ``cfg.cache.name`` at ``cfg.tune.n_updates`` on the
-    batch-1 observation ``obs`` (key -> (1, To, d) numpy), print the table, return {budget_ms, chosen, rows}."""
+def pick_budget(cfg, policy, checkpoint: Path, obs: dict, reuse: bool = True) -> dict:
+    """``loop.budget_ms`` in eval/run.py and eval/deploy.py: ``cfg.cache.name``'s budget S, returned as {budget_ms,
+    chosen, rows}. With ``reuse``, the choice eval/tune.py (or an earlier run) recorded for the same weights,
+    sampler, method, budget and device within ``tune.max_age_h`` is taken as it was; otherwise the method is timed
+    at ``cfg.tune.n_updates`` on the batch-1 observation ``obs`` (key -> (1, To, d) numpy) and the choice recorded."""
     if cfg.cache.name == "none":
         raise ValueError("loop.budget_ms picks a cache budget S; choose a cache method too, e.g. cache=bac")
+    key = updates_key(cfg, policy)
+    if reuse and (held := recall(cfg, key)) is not None:
+        return held
     one = [{k: torch.from_numpy(v).to(policy.device) for k, v in obs.items()}]
     rows = measure_budgets(policy, checkpoint, str(cfg.cache.name), list(cfg.tune.n_updates), one, int(cfg.tune.trials),
                            int(cfg.tune.warmup), int(cfg.cache.get("n_bubble", 5)), str(cfg.cache.get("metric", "cosine")))
-    chosen = choose(rows, float(cfg.loop.budget_ms))
+    chosen = choose_updates(rows, float(cfg.loop.budget_ms))
     print_tune(rows, chosen, float(cfg.loop.budget_ms))
-    return {"budget_ms": float(cfg.loop.budget_ms), "chosen": chosen, "rows": rows}
+    result = {"budget_ms": float(cfg.loop.budget_ms), "chosen": chosen, "rows": rows}
+    remember(cfg, key, result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- tuning records
+# A budget choice rests on timings, and two timings of the same configs minutes apart differ (this host's speed
+# drifts by tens of percent). So the choice is recorded once, keyed by everything it depends on, and
+# ``loop.budget_ms`` in eval/run.py and eval/deploy.py takes the recorded one: tune, then run, gives one answer.
+def updates_key(cfg, policy) -> dict:
+    """What one cache method's S choice depends on: the weights, the sampler, the method, the budget, the device."""
+    from bac.engine import fingerprint
+
+    pc = policy.config
+    return {"kind": "n_updates", "model": fingerprint(policy.model), "scheduler": pc.scheduler,
+            "K": pc.num_inference_steps, "method": str(cfg.cache.name), "n_bubble": int(cfg.cache.get("n_bubble", 5)),
+            "metric": str(cfg.cache.get("metric", "cosine")), "n_updates": sorted(int(s) for s in cfg.tune.n_updates),
+            "budget_ms": float(cfg.loop.budget_ms), "device": device_name(policy.device),
+            "threads": torch.get_num_threads()}
+
+
+def frontier_key(cfg, path: Path, device) -> dict:
+    """What a choice over a measured frontier depends on: that frontier (its content), the checkpoint, the budget,
+    the device."""
+    from policies.data import file_sha256
+
+    return {"kind": "frontier", "frontier": str(path.resolve()), "frontier_sha256": file_sha256(path),
+            "checkpoint": str(resolve_path(cfg.policy.checkpoint).resolve()), "budget_ms": float(cfg.loop.budget_ms),
+            "device": device_name(device), "threads": torch.get_num_threads()}
+
+
+def record_path(cfg, key: dict) -> Path:
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(os.path.expanduser(str(cfg.tune.records))) / f"{key['kind']}_{digest}.json"
+
+
+def recall(cfg, key: dict) -> dict | None:
+    """The choice recorded for ``key`` within ``tune.max_age_h`` hours, or None (also with ``tune.retune=true``)."""
+    import time
+
+    path = record_path(cfg, key)
+    if cfg.tune.get("retune", False) or not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # unreadable: measure again (and overwrite it)
+    age_h = (time.time() - float(rec.get("made_s", 0))) / 3600
+    if rec.get("key") != key or age_h > float(cfg.tune.max_age_h):
+        return None
+    chosen = rec["result"]["chosen"]
+    what = chosen.get("label") or f"{chosen['cache']} S={chosen['n_updates']}"
+    print(f"budget {key['budget_ms']:g} ms: using the choice tuned {age_h * 60:.0f} min ago on this device ({what}; "
+          f"{path}); tune.retune=true times it again", flush=True)
+    return rec["result"]
+
+
+def remember(cfg, key: dict, result: dict) -> Path:
+    import time
+
+    path = record_path(cfg, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps({"key": key, "made_s": time.time(), "made": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                   "result": result}, indent=2) + "\n")
+    return path
 
 
 def tune_obs(policy, checkpoint: Path, n: int) -> list[dict]:
-    from eval.bench import load_bench_obs
-
     obs = load_bench_obs(policy, checkpoint, n)
     m = next(iter(obs.values())).shape[0]
     return [{k: v[i : i + 1].to(policy.device) for k, v in obs.items()} for i in range(m)]
 
 
 def print_tune(rows: list[dict], chosen: dict, budget_ms: float) -> None:
-    from eval.run import print_columns
-
     lines = [["cache", "S", "p50 ms", "p95 ms", "Hz (1/p95)", "FLOPs ratio", "meets budget"]]
     for r in rows:
         lines.append([r["cache"], str(r["n_updates"]), f"{r['latency_ms']['p50']:.1f}", f"{r['latency_ms']['p95']:.1f}",
@@ -127,30 +144,28 @@ def print_tune(rows: list[dict], chosen: dict, budget_ms: float) -> None:
 
 
 def frontier_path(cfg) -> Path:
-    from eval.run import resolve_path
-
     given = cfg.tune.get("frontier")
     return resolve_path(str(given)) if given else ROOT / "docs" / "frontier" / str(cfg.env.task) / "frontier.json"
 
 
-def pick_from_frontier(cfg, device) -> dict:
+def pick_from_frontier(cfg, device, reuse: bool = True) -> dict:
     """Sampler, K and cache for ``loop.budget_ms`` over the task's measured frontier, with the p95 latencies
-    measured again on ``device``: {budget_ms, frontier, chosen, meets_budget, rows}."""
-    from bac.frontier import choose_for_budget
-    from eval.frontier import cell_of, measure
-    from eval.run import resolve_path
-
+    measured again on ``device``: {budget_ms, frontier, chosen, meets_budget, rows}. With ``reuse``, a choice
+    recorded for the same frontier, checkpoint, budget and device within ``tune.max_age_h`` is taken as it was."""
     budget = float(cfg.loop.budget_ms)
     path = frontier_path(cfg)
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: measure the frontier first (`python eval/frontier.py "
                                 f"env={cfg.env.name} env.task={cfg.env.task}`), or tune one method's S with cache=<method>")
+    key = frontier_key(cfg, path, device)
+    if reuse and (held := recall(cfg, key)) is not None:
+        return held
     data = json.loads(path.read_text())
     rows = [r for r in data["rows"] if "success" in r and "latency_ms" in r]
     if not rows:
         raise ValueError(f"{path} has no cell with both rollouts and latency yet; run eval/frontier.py to the end")
     candidates = [r for r in rows if r["latency_ms"]["p95"] <= 2 * budget] or [min(rows, key=lambda r: r["latency_ms"]["p95"])]
-    timed = measure([cell_of(r) for r in candidates], resolve_path(cfg.policy.checkpoint), device, int(cfg.tune.trials),
+    timed = measure_cells([cell_of(r) for r in candidates], resolve_path(cfg.policy.checkpoint), device, int(cfg.tune.trials),
                     int(cfg.tune.warmup), int(cfg.tune.n_obs), proxies=False)
     for r in candidates:
         r["latency_now_ms"] = timed[r["label"]]["latency_ms"]
@@ -164,15 +179,15 @@ def pick_from_frontier(cfg, device) -> dict:
     table = [{"label": r["label"], "success": r["success"], "frontier_latency_ms": r["latency_ms"],
               "latency_now_ms": r["latency_now_ms"]} for r in candidates]
     print_frontier_choice(table, chosen, pick["meets_budget"], budget, path)
-    return {"budget_ms": budget, "frontier": str(path), "chosen": chosen, "meets_budget": pick["meets_budget"],
-            "rows": table}
+    result = {"budget_ms": budget, "frontier": str(path), "chosen": chosen, "meets_budget": pick["meets_budget"],
+              "rows": table}
+    remember(cfg, key, result)
+    return result
 
 
 def apply_choice(cfg, choice: dict):
     """``cfg`` with the frontier choice's sampler, K and cache (and no budget left to pick)."""
     from omegaconf import OmegaConf
-
-    from eval.bench import method_defaults
 
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     c = choice["chosen"]
@@ -184,8 +199,6 @@ def apply_choice(cfg, choice: dict):
 
 
 def print_frontier_choice(rows: list[dict], chosen: dict, meets: bool, budget_ms: float, path: Path) -> None:
-    from eval.run import print_columns
-
     lines = [["config", "success [95% CI]", "episodes", "p95 ms (frontier)", "p95 ms (now)", "meets budget"]]
     for r in sorted(rows, key=lambda r: r["latency_now_ms"]["p95"]):
         s = r["success"]
@@ -208,8 +221,6 @@ def run_command(cfg, chosen: dict) -> str:
 
 
 def tune(cfg: DictConfig, out_dir: Path) -> dict:
-    from eval.run import device_name, pick_device, resolve_path
-
     torch.set_num_threads(int(cfg.threads))
     if cfg.loop.budget_ms is None:
         raise ValueError("give the latency budget: loop.budget_ms=<milliseconds>")
@@ -217,7 +228,7 @@ def tune(cfg: DictConfig, out_dir: Path) -> dict:
     if not budget > 0:
         raise ValueError(f"loop.budget_ms must be positive, got {cfg.loop.budget_ms}")
     if cfg.cache.name == "none":
-        choice = pick_from_frontier(cfg, pick_device(str(cfg.device)))
+        choice = pick_from_frontier(cfg, pick_device(str(cfg.device)), reuse=False)  # tune.py always measures
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "tune.json").write_text(json.dumps(choice, indent=2) + "\n")
         print(f"run it: {run_command(cfg, choice['chosen'])}")
@@ -231,7 +242,8 @@ def tune(cfg: DictConfig, out_dir: Path) -> dict:
     rows = measure_budgets(policy, checkpoint, str(cfg.cache.name), list(cfg.tune.n_updates), obs,
                            int(cfg.tune.trials), int(cfg.tune.warmup), int(cfg.cache.get("n_bubble", 5)),
                            str(cfg.cache.get("metric", "cosine")))
-    chosen = choose(rows, budget)
+    chosen = choose_updates(rows, budget)
+    remember(cfg, updates_key(cfg, policy), {"budget_ms": budget, "chosen": chosen, "rows": rows})
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"task": cfg.env.task, "checkpoint": str(cfg.policy.checkpoint), "method": str(cfg.cache.name),
               "budget_ms": budget, "rows": rows, "chosen": chosen, "device": device_name(device),

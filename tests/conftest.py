@@ -1,6 +1,8 @@
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Budget choices recorded by the tests go to a folder of this session, not the user's ~/.cache/bac/tune.
+os.environ["BAC_TUNE_RECORDS"] = __import__("tempfile").mkdtemp(prefix="bac_tune_records_")
 
 import torch  # noqa: E402
 

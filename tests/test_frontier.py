@@ -167,6 +167,7 @@ def test_runner_skips_finished_cells_and_resumes_an_interrupted_one(calibrated, 
                                        "eval.latency_trials=1"), tmp_path / "budget_run")
     assert summary["num_inference_steps"] == choice["chosen"]["num_inference_steps"] and summary["cache"] == "none"
     assert summary["budget"]["chosen"]["label"] == choice["chosen"]["label"]
+    assert summary["budget"]["rows"] == choice["rows"]  # tune's recorded choice, taken as it was: not timed again
     with pytest.raises(ValueError, match="loop.budget_ms must be positive"):
         run.evaluate(compose_cfg(*base, "loop.budget_ms=0"), tmp_path / "bad")
 
@@ -190,3 +191,24 @@ def test_tuner_times_cached_and_warm_cells_of_a_frontier(calibrated, tmp_path):
     assert all(r["latency_now_ms"]["p95"] > 0 for r in choice["rows"])
     applied = tune.apply_choice(cfg, {"chosen": dict(choice["chosen"], warm_start=2)})
     assert applied.loop.warm_start == 2 and applied.cache.name == "fbcache" and applied.loop.budget_ms is None
+
+
+def test_run_takes_the_budget_choice_that_tune_recorded(calibrated, tmp_path, monkeypatch):
+    """eval/tune.py and loop.budget_ms give one answer: run.py takes the S that tune.py recorded for the same weights,
+    method, budget and device, and times again only when asked (tune.retune) or when the record is too old."""
+    import eval.tune as tune
+
+    base = ["env=toy", f"policy.checkpoint={calibrated}", "cache=uniform", "tune.n_updates=[1,2]", "tune.trials=2",
+            "tune.warmup=0", "tune.n_obs=2", "loop.budget_ms=10000", f"tune.records={tmp_path / 'records'}"]
+    tuned = tune.tune(compose_cfg(*base), tmp_path / "tune")
+    real, calls = tune.measure_budgets, []
+    monkeypatch.setattr(tune, "measure_budgets", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rollout = ["eval.n_episodes=2", "eval.n_envs=2", "eval.latency_trials=1"]
+    summary = run.evaluate(compose_cfg(*base, *rollout), tmp_path / "run")
+    assert calls == [] and summary["budget"]["chosen"] == tuned["chosen"] and summary["budget"]["rows"] == tuned["rows"]
+    run.evaluate(compose_cfg(*base, *rollout, "tune.retune=true"), tmp_path / "retune")
+    assert calls == [1]
+    run.evaluate(compose_cfg(*base, *rollout, "tune.max_age_h=0"), tmp_path / "stale")
+    assert calls == [1, 1]
+    other = run.evaluate(compose_cfg(*base, *rollout, "loop.budget_ms=9000"), tmp_path / "other_budget")
+    assert calls == [1, 1, 1] and other["budget"]["budget_ms"] == 9000  # another budget is another record

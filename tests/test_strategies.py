@@ -232,7 +232,7 @@ EVERYTHING = {  # the same methods told to compute every block at every step
 
 
 def method_cfg(name, knobs):
-    from eval.bench import method_defaults
+    from eval.common import method_defaults
 
     return {**method_defaults(name), **knobs}
 

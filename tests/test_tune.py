@@ -1,9 +1,9 @@
-"""The latency-budget rule of eval/tune.py (and loop.budget_ms)."""
+"""The latency-budget rule of eval/tune.py and loop.budget_ms with a cache method (bac.frontier.choose_updates)."""
 from __future__ import annotations
 
 import pytest
 
-from eval.tune import choose
+from bac.frontier import choose_updates as choose
 
 
 def row(cache, S, p95):

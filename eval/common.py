@@ -1,0 +1,93 @@
+"""Helpers every entry point of eval/ shares: paths, devices, atomic writes, aligned tables, cache defaults.
+
+Entry points import from here (and from eval/latency.py, eval/frontier_grid.py); none imports another entry point
+except to run it (eval/frontier.py runs eval/run.py's ``evaluate`` per cell), so eval/ has no import circle.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_path(p: str) -> Path:
+    """``p`` as given if absolute or found from the working directory, else relative to the repository."""
+    path = Path(p)
+    return path if path.is_absolute() or path.exists() else ROOT / path
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    """The device in words, as every summary records it: the CUDA device's name, or the CPU model and threads."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu ({name}, {torch.get_num_threads()} thread(s))"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a crash or a full disk
+    leaves the previous file (or none), never a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def print_columns(lines: list[list[str]]) -> None:
+    """Print rows of strings as aligned columns; the first row is the header."""
+    widths = [max(len(r[i]) for r in lines) for i in range(len(lines[0]))]
+    for j, r in enumerate(lines):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def method_defaults(name: str) -> dict:
+    """A cache method's knobs from ``configs/cache/<name>.yaml``."""
+    path = ROOT / "configs" / "cache" / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"unknown cache {name!r}; known caches: {known}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def load_bench_obs(policy, checkpoint: Path, n: int) -> dict[str, torch.Tensor]:
+    """Held-out observations saved by eval/calibrate.py (key -> (N, To, d))."""
+    from policies.caching import bench_obs_path
+
+    path = bench_obs_path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; make it with `python eval/calibrate.py policy.checkpoint={checkpoint}`")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: torch.from_numpy(z[k][:n]) for k in policy.config.obs_keys}

@@ -1,0 +1,145 @@
+"""Batch-1 latency of a policy's ``predict_action``, measured for the rollouts, the budget tuner and the frontier.
+
+All three go through ``bac.timing.time_interleaved`` (as eval/bench.py does): every config once per round, warm-up
+rounds dropped, caches attached and detached off the clock so that an uncached config runs with no engine at all.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bac.metrics import latency_stats
+from bac.timing import Timed, device_sync, time_interleaved
+from eval.common import load_bench_obs
+from eval.frontier_grid import Cell
+from policies import load_policy
+from policies.caching import disable_cache, enable_cache, make_cache, make_schedule
+
+
+def measure_latency(policy, sample_obs: dict[str, np.ndarray], trials: int, seed: int, warm_start: int = 0) -> list[float]:
+    """Seconds per batch-1 ``predict_action`` on observations seen in the rollout (2 warm-up calls dropped); with
+    ``warm_start`` = k0, the warm-started call (its guess, made off the clock: a cold prediction for the same
+    observation)."""
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+    n = next(iter(sample_obs.values())).shape[0]
+    call = {}
+
+    def before(i: int) -> None:
+        call["obs"] = {k: torch.from_numpy(v[i % n : i % n + 1]) for k, v in sample_obs.items()}
+        call["init"] = policy.predict_action(call["obs"], generator=gen)["action_pred"] if warm_start else None
+
+    def run(i: int) -> None:
+        policy.predict_action(call["obs"], generator=gen, init_action=call["init"], init_step=warm_start)
+
+    return time_interleaved([Timed("policy", run, before)], trials, 2, device_sync(policy.device))["policy"]
+
+
+def measure_budgets(policy, checkpoint: Path, method: str, budgets: list[int], obs: list[dict], trials: int,
+                    warmup: int = 2, n_bubble: int = 5, metric: str = "cosine") -> list[dict]:
+    """Batch-1 latency of the uncached policy and of ``method`` at each S in ``budgets``, interleaved rounds.
+
+    Returns one row per config: ``n_updates`` (K for the uncached one), ``cache``, ``latency_ms`` (p50/p95/p99),
+    ``hz`` (1000 / p95: the chunk rate the device sustains), ``flops_ratio``.
+    """
+    K = policy.config.num_inference_steps
+    configs = [("none", K, None)]
+    for S in sorted({int(s) for s in budgets}):
+        if not 1 <= S <= K:
+            raise ValueError(f"tune.n_updates holds S={S}; every S must be in [1, {K}] (the policy's step count)")
+        if S < K:
+            configs.append((method, S, make_schedule(policy, checkpoint, method, n_updates=S, n_bubble=n_bubble,
+                                                     metric=metric)))
+    flops, state = {}, {}
+
+    def timed(S: int, schedule) -> Timed:
+        def before(r: int) -> None:
+            state["engine"] = enable_cache(policy, schedule, profile=(r == 0)) if schedule is not None else None
+            if state["engine"] is not None and r == 0:
+                flops[S] = state["engine"].flops_ratio()
+            state["gen"] = torch.Generator(device=policy.device).manual_seed(r)
+
+        def run(r: int) -> None:
+            policy.predict_action(obs[r % len(obs)], generator=state["gen"])
+
+        def after(r: int) -> None:
+            if state["engine"] is not None:
+                disable_cache(policy, state["engine"])
+
+        return Timed(str(S), run, before, after)
+
+    times = time_interleaved([timed(S, sch) for _, S, sch in configs], trials, warmup, device_sync(policy.device))
+    rows = []
+    for name, S, _ in configs:
+        lat = {k: round(v, 2) for k, v in latency_stats(times[str(S)]).items()}
+        rows.append({"cache": name, "n_updates": S, "latency_ms": lat, "hz": round(1000.0 / lat["p95"], 2),
+                     "flops_ratio": round(flops.get(S, 1.0), 4)})
+    return rows
+
+
+def measure_cells(cells: list[Cell], checkpoint: Path, device, trials: int, warmup: int, n_obs: int,
+                  proxies: bool = True) -> dict:
+    """Batch-1 latency (interleaved rounds), FLOPs ratio and, with ``proxies``, the action-error proxies of every
+    frontier cell, in this process: {label: {sampler, K, cache, knobs, latency_ms, flops_ratio, mse_vs_ddpm100, ...}}.
+    The proxies: the error of each cell's chunk against DDPM-100's and DDIM-100's (the ODE's solution) from
+    identical noise on held-out observations."""
+    refs_at = [("ddpm", 100), ("ddim", 100)] if proxies else []
+    policies = {}
+    for sampler, K in [(c.sampler, c.K) for c in cells] + refs_at:
+        if (sampler, K) not in policies:
+            policies[(sampler, K)] = load_policy(checkpoint, device, scheduler=sampler, num_inference_steps=K)
+    any_policy = next(iter(policies.values()))
+    obs = load_bench_obs(any_policy, checkpoint, n_obs)
+    one = [{k: v[i : i + 1].to(device) for k, v in obs.items()} for i in range(next(iter(obs.values())).shape[0])]
+    caches = {c.label: make_cache(policies[(c.sampler, c.K)], checkpoint, c.cache_cfg()) if c.cache else None
+              for c in cells}
+
+    def run(cell_policy, o, seed, start=0, init=None):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return cell_policy.predict_action(o, generator=gen, init_action=init, init_step=start)["action"]
+
+    # A warm-started cell's guess: its own cold trajectory for the same observation, shifted by the Ta executed
+    # actions as the loop shifts it (the next observation is not at hand offline).
+    guesses = {}
+    for c in cells:
+        if c.start and (c.sampler, c.K) not in guesses:
+            p = policies[(c.sampler, c.K)]
+            Ta, T = p.config.n_action_steps, p.config.horizon
+            idx = torch.clamp(torch.arange(T) + Ta, max=T - 1)
+            guesses[(c.sampler, c.K)] = [p.predict_action(o, generator=torch.Generator(device=device).manual_seed(7))
+                                         ["action_pred"][:, idx] for o in one]
+    refs = {key: [run(policies[key], o, 1000 + i) for i, o in enumerate(one)] for key in refs_at}
+    rows = {}
+    for c in cells:
+        p = policies[(c.sampler, c.K)]
+        guess = guesses.get((c.sampler, c.K)) if c.start else None
+        engine = enable_cache(p, caches[c.label]) if c.cache else None
+        # With the proxies off, one run still goes first: an online strategy's FLOPs ratio is what it computed.
+        acts = [run(p, o, 1000 + i, c.start, guess[i] if guess else None) for i, o in enumerate(one)
+                if refs or (engine is not None and i == 0)]
+        err = {f"mse_vs_{s}{K}": float(np.mean([(a - r).pow(2).mean().item() for a, r in zip(acts, refs[(s, K)])]))
+               for s, K in refs}  # empty without proxies
+        rows[c.label] = {"sampler": c.sampler, "K": c.K, "start": c.start, "cache": c.name, "knobs": dict(c.cache), **err,
+                         "flops_ratio": round(engine.flops_ratio(), 4) if engine else 1.0}
+        if engine:
+            disable_cache(p, engine)
+    state = {}
+
+    def timed(c: Cell) -> Timed:
+        p = policies[(c.sampler, c.K)]
+
+        def before(r: int) -> None:
+            state["engine"] = enable_cache(p, caches[c.label], profile=False) if c.cache else None
+            state["guess"] = guesses[(c.sampler, c.K)][r % len(one)] if c.start else None
+
+        def after(r: int) -> None:
+            if state["engine"] is not None:
+                disable_cache(p, state["engine"])
+
+        return Timed(c.label, lambda r: run(p, one[r % len(one)], r, c.start, state["guess"]), before, after)
+
+    times = time_interleaved([timed(c) for c in cells], trials, warmup, device_sync(device))
+    for label, row in rows.items():
+        row["latency_ms"] = {k: round(v, 3) for k, v in latency_stats(times[label]).items()}
+    return rows

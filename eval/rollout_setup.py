@@ -1,0 +1,128 @@
+"""Setting up a rollout from a config, shared by eval/run.py (simulated and wall clock) and eval/deploy.py.
+
+The policy is checked against the env, the loop configured, the cache built (or chosen for ``loop.budget_ms``),
+and the policy wrapped as the loop's ``predict`` (warm-started per stream where ``loop.warm_start`` asks).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bac.loop import LatencyModel, LoopConfig
+from bac.rollout import ObsHistory
+from bac.warmstart import WarmStart
+from envs import make_env
+from policies.caching import make_cache, make_schedule
+
+
+def check_env_matches_policy(env, policy) -> None:
+    env_keys = set(env.observation_space.spaces)
+    missing = [k for k in policy.config.obs_keys if k not in env_keys]
+    if missing:
+        raise KeyError(f"the env does not provide observation keys {missing} that the policy needs; it has {sorted(env_keys)}")
+    for key, dim in zip(policy.config.obs_keys, policy.config.obs_dims):
+        shape = env.observation_space[key].shape
+        if int(np.prod(shape)) != dim:
+            raise ValueError(f"env observation {key!r} has shape {shape}; the policy was trained with dimension {dim}")
+    if env.action_space.shape[-1] != policy.config.action_dim:
+        raise ValueError(f"env action dim {env.action_space.shape[-1]} != policy action dim {policy.config.action_dim}")
+
+
+def loop_config(cfg: DictConfig, env, policy) -> tuple[LoopConfig, int]:
+    """The LoopConfig of ``cfg.loop`` and how many actions of each chunk go to the queue."""
+    lc, pc = cfg.loop, policy.config
+    hz = float(lc.control_hz or env.metadata.get("render_fps", 20))
+    max_chunk = pc.horizon - pc.n_obs_steps + 1
+    n_chunk = int(lc.chunk_actions or pc.n_action_steps)
+    if not pc.n_action_steps <= n_chunk <= max_chunk:
+        raise ValueError(f"loop.chunk_actions={n_chunk} must be in [n_action_steps={pc.n_action_steps}, "
+                         f"horizon - n_obs_steps + 1 = {max_chunk}]")
+    if lc.clock not in ("simulated", "wall"):
+        raise ValueError(f"loop.clock must be simulated or wall, got {lc.clock!r}")
+    config = LoopConfig(mode=str(lc.name), control_hz=hz, asynchronous=bool(lc.asynchronous), on_miss=str(lc.on_miss),
+                        drop_stale=bool(lc.drop_stale), ensemble=None if lc.ensemble is None else float(lc.ensemble),
+                        prefetch_margin=int(lc.prefetch_margin))
+    return config, n_chunk
+
+
+def build_cache(cfg: DictConfig, policy, checkpoint: Path, sample_obs) -> tuple[str, object, dict | None]:
+    """(cache name, schedule or strategy or None, the budget pick or None) for ``cfg.cache``; with
+    ``loop.budget_ms`` the tuner picks a schedule method and S for the latency budget instead."""
+    if cfg.loop.budget_ms is None:  # the cache config as given: a schedule, a strategy (bac.strategies) or None
+        return str(cfg.cache.name), make_cache(policy, checkpoint, OmegaConf.to_container(cfg.cache, resolve=True)), None
+    from eval.tune import pick_budget
+
+    budget = pick_budget(cfg, policy, checkpoint, sample_obs)
+    name, n_updates = budget["chosen"]["cache"], int(budget["chosen"]["n_updates"])
+    schedule = make_schedule(policy, checkpoint, name, n_updates=n_updates, n_bubble=int(cfg.cache.get("n_bubble", 0)),
+                             metric=str(cfg.cache.get("metric", "cosine")))
+    return name, schedule, budget
+
+
+def chunk_predictor(policy, n_chunk: int, seed: int, warm_start: int = 0):
+    """``predict(obs numpy) -> (B, n_chunk, Da)``: the predicted actions from the current observation's step on.
+    With ``warm_start`` = k0 > 0, each stream's chunk starts from its previous one at step k0 (bac.warmstart)."""
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+    start = policy.config.n_obs_steps - 1
+    if warm_start:
+        if not 0 < warm_start < policy.config.num_inference_steps:
+            raise ValueError(f"loop.warm_start must be in [0, num_inference_steps={policy.config.num_inference_steps}),"
+                             f" got {warm_start}")
+
+        def sample(batch: dict[str, np.ndarray], init: np.ndarray | None, k0: int) -> np.ndarray:
+            obs = {k: torch.from_numpy(v) for k, v in batch.items()}
+            init_t = None if init is None else torch.from_numpy(init)
+            return policy.predict_action(obs, generator=gen, init_action=init_t, init_step=k0)["action_pred"].cpu().numpy()
+
+        return WarmStart(sample, policy.config.n_obs_steps, n_chunk, int(warm_start))
+
+    def predict(batch: dict[str, np.ndarray]) -> np.ndarray:
+        obs = {k: torch.from_numpy(v) for k, v in batch.items()}
+        return policy.predict_action(obs, generator=gen)["action_pred"][:, start : start + n_chunk].cpu().numpy()
+
+    return predict
+
+
+def latency_model(cfg: DictConfig, measured_s: list[float]) -> LatencyModel:
+    lc = cfg.loop
+    scale = float(lc.latency_scale)
+    if lc.latency == "fixed":
+        if lc.latency_ms is None:
+            raise ValueError("loop.latency=fixed needs loop.latency_ms=<milliseconds>")
+        return LatencyModel(fixed_s=float(lc.latency_ms) / 1e3, scale=scale)
+    if lc.latency == "median":
+        return LatencyModel(fixed_s=float(np.median(measured_s)), scale=scale)
+    if lc.latency == "sampled":
+        return LatencyModel(samples_s=measured_s, scale=scale, seed=int(cfg.eval.seed))
+    raise ValueError(f"loop.latency must be median, sampled or fixed, got {lc.latency!r}")
+
+
+def probe_obs(env, policy, seed: int) -> dict[str, np.ndarray]:
+    """A batch-1 observation history from a reset (for latency timing and the budget tuner)."""
+    h = ObsHistory(policy.config.n_obs_steps)
+    obs, _ = env.reset(seed=seed)
+    h.reset(obs)
+    return {k: v[None] for k, v in h.stacked().items()}
+
+
+
+_ENV_POOL: dict[tuple, list] = {}
+
+
+def pooled_envs(name: str, kwargs: dict, n: int) -> list:
+    """``n`` envs of one kind, kept for the rest of the process: building a robosuite env takes ~1.5 s and its
+    first reset ~0.9 s, as long as a whole cached rollout batch, while a seeded reset of a used env gives the same
+    episode bit for bit (``tests/test_robomimic_env.py``). Closed at exit."""
+    key = (name, json.dumps(kwargs, sort_keys=True))
+    if not _ENV_POOL:
+        import atexit
+
+        atexit.register(lambda: [e.close() for pool in _ENV_POOL.values() for e in pool])
+    pool = _ENV_POOL.setdefault(key, [])
+    while len(pool) < n:
+        pool.append(make_env(name, **kwargs))
+    return pool[:n]
