@@ -54,3 +54,31 @@ def test_load_skips_and_names_files_it_cannot_use(tmp_path, capsys):
     assert f"skipping {tmp_path / 'c' / 'summary.json'}: not a rollout summary" in err
     with pytest.raises(FileNotFoundError, match="no summary.json"):
         load([tmp_path / "b"])
+
+
+def test_write_out_replaces_only_its_section(tmp_path):
+    from eval.report import write_out
+
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nprose before\n<!-- bench:start -->\nold table\n<!-- bench:end -->\n\nprose after\n")
+    write_out(doc, "\n| new | table |\n", "bench")
+    assert doc.read_text() == ("# Results\n\nprose before\n<!-- bench:start -->\n| new | table |\n<!-- bench:end -->"
+                               "\n\nprose after\n")
+    with pytest.raises(ValueError, match="must hold one '<!-- realtime:start -->'.* it holds 0 and 0"):
+        write_out(doc, "| x |", "realtime")
+    write_out(tmp_path / "new.md", "| whole |\n")  # no section: the whole file
+    assert (tmp_path / "new.md").read_text() == "| whole |\n"
+
+
+def test_bench_table_names_each_run(tmp_path):
+    import json
+
+    from eval.report import bench_table
+
+    row = {"config": "none", "latency_ms": {"p50": 300.0, "p95": 330.0}, "speedup": 1.0, "flops_ratio": 1.0,
+           "speedup_vs_flops": 1.0, "action_mse": 0.0, "device": "cpu"}
+    for sub in ("can", "can/bench_quiet"):
+        (tmp_path / sub).mkdir(parents=True, exist_ok=True)
+        (tmp_path / sub / "bench.json").write_text(json.dumps({"meta": {"task": "can"}, "rows": [row]}))
+    lines = bench_table([tmp_path]).splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| can", "| can/bench_quiet"]
