@@ -82,3 +82,31 @@ def test_bench_table_names_each_run(tmp_path):
         (tmp_path / sub / "bench.json").write_text(json.dumps({"meta": {"task": "can"}, "rows": [row]}))
     lines = bench_table([tmp_path]).splitlines()
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| can", "| can/bench_quiet"]
+
+
+def test_docs_tables_are_what_report_writes(tmp_path, monkeypatch):
+    """The eval/report.py commands that docs/*.md list, run again, leave those docs unchanged: every table between
+    the markers is what the runs under docs/ give."""
+    import shlex
+    from pathlib import Path
+
+    from eval.report import main
+    from tests.test_readme import DOC_COMMANDS
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    commands = [shlex.split(c)[2:] for c in DOC_COMMANDS if c.startswith("python eval/report.py")]
+    assert len(commands) >= 5
+    for argv in commands:
+        out = argv.index("--out") + 1
+        doc = root / argv[out]
+        copy = tmp_path / doc.name
+        if not copy.exists():
+            copy.write_text(doc.read_text())
+        argv[out] = str(copy)
+        if "--plot" in argv:  # the figure is not compared
+            i = argv.index("--plot")
+            del argv[i:i + 2]
+        main(argv)
+    for copy in tmp_path.iterdir():
+        assert copy.read_text() == (root / "docs" / copy.name).read_text(), f"docs/{copy.name} differs from report.py's"
