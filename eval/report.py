@@ -1,8 +1,13 @@
-"""Collect ``summary.json`` files of finished runs into one markdown table.
+"""Collect ``summary.json`` and ``bench.json`` files of finished runs into markdown tables.
 
-    python eval/report.py results/issue --out docs/results.md
-    python eval/report.py methods results/multirun/... --bench docs/results/can/bench_methods --out docs/methods.md \
-        --plot docs/figures/pareto.png     # the caching methods compared: one table, one Pareto plot
+    python eval/report.py results/<date> --out report.md          # offline, realtime and bench tables, one file
+    python eval/report.py docs/results --tables offline --out docs/results.md --section results
+    python eval/report.py methods results/multirun/... --bench results/<bench folder> --out docs/methods.md \
+        --section methods --plot docs/figures/pareto_methods.png  # the caching methods: one table, one Pareto plot
+
+With ``--section NAME`` the tables replace only what stands between the ``<!-- NAME:start -->`` and
+``<!-- NAME:end -->`` lines of the ``--out`` file, so the prose around them stays (docs/results.md and
+docs/methods.md are written that way; their "How these tables are made" lists the commands).
 
 Rows are grouped by task and sorted by cache method; runs of one config on disjoint seeds are merged into one
 row (``merge_runs``). Latencies come from separate processes, so they
@@ -132,17 +137,21 @@ def table(rows: list[dict]) -> str:
 
 def bench_table(dirs: list[Path], name: str | None = None) -> str:
     """One markdown table of every bench.json under ``dirs`` (eval/bench.py output); ``name`` keeps only the
-    bench folders of that name (e.g. ``bench_quiet``)."""
-    lines = ["| task | config | latency p50 / p95 ms | speedup vs none | FLOPs ratio | speedup / FLOPs ceiling "
-             "| floor-aware ceiling (speedup / it) | action MSE | device |", "|---|---|---|---|---|---|---|---|---|"]
-    for path in sorted(p for d in dirs for p in d.rglob("bench.json") if name is None or p.parent.name == name):
+    bench folders of that name (e.g. ``bench_quiet``). The ``run`` column is the bench's folder under the
+    directory it was found in (``can/bench_quiet``; ``can`` for ``can/bench.json``)."""
+    lines = ["| run | task | config | latency p50 / p95 ms | speedup vs none | FLOPs ratio | speedup / FLOPs ceiling "
+             "| floor-aware ceiling (speedup / it) | action MSE | device |", "|---|---|---|---|---|---|---|---|---|---|"]
+    found = sorted((p, d) for d in dirs for p in d.rglob("bench.json") if name is None or p.parent.name == name)
+    for path, d in found:
+        run = path.parent.relative_to(d).as_posix()
+        run = d.name if run == "." else run
         b = json.loads(path.read_text())
         m = b["meta"]
         sampler = f"{m.get('scheduler')}-{m.get('num_inference_steps')}"
         task = m["task"] if sampler in ("ddpm-100", "None-None") else f"{m['task']} ({sampler})"
         for r in b["rows"]:
             floor = "-" if r.get("floor_ceiling") is None else f"{r['floor_ceiling']:.2f}x ({r['speedup_vs_floor_ceiling']:.2f})"
-            lines.append(f"| {task} | {r['config']} | {r['latency_ms']['p50']:.0f} / "
+            lines.append(f"| {run} | {task} | {r['config']} | {r['latency_ms']['p50']:.0f} / "
                          f"{r['latency_ms']['p95']:.0f} | {r['speedup']:.2f}x | {r['flops_ratio']:.3f} "
                          f"| {r['speedup_vs_flops']:.2f} | {floor} | {r['action_mse']:.2e} | {r['device']} |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
@@ -289,11 +298,32 @@ def pareto_plot(rows: list[dict], out: Path) -> Path:
     return out
 
 
+TABLES = ("offline", "realtime", "bench")
+
+
+def write_out(path: Path, md: str, section: str | None = None) -> None:
+    """Write ``md`` to ``path``; with ``section``, only between the file's ``<!-- section:start -->`` and
+    ``<!-- section:end -->`` lines, which must each occur once, in that order (the rest of the file stays)."""
+    if section is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(md)
+        return
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    text = path.read_text() if path.exists() else ""
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{path} must hold one {start!r} and, after it, one {end!r} to write section {section!r}; "
+                         f"it holds {text.count(start)} and {text.count(end)}")
+    head, rest = text.split(start)
+    tail = rest.split(end)[1]
+    path.write_text(f"{head}{start}\n{md.strip()}\n{end}{tail}")
+
+
 def methods_main(argv) -> None:
     p = argparse.ArgumentParser(prog="report.py methods", description=methods_table.__doc__)
     p.add_argument("results", nargs="+", help="folders of eval/run.py results (hydra multirun folders)")
     p.add_argument("--bench", nargs="*", default=[], help="folders with bench.json from eval/bench.py bench=methods")
     p.add_argument("--out", default=None)
+    p.add_argument("--section", default=None, help="write between this section's markers in --out (see above)")
     p.add_argument("--plot", default=None)
     a = p.parse_args(argv)
     rows = method_rows(load([Path(r) for r in a.results]), bench_rows([Path(b) for b in a.bench]))
@@ -303,8 +333,7 @@ def methods_main(argv) -> None:
         md += "\nBenchmarks (eval/bench.py bench=methods: batch 1, one process, interleaved rounds):\n\n" + bench
     print(md)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(md)
+        write_out(Path(a.out), md, a.section)
     if a.plot:
         print(f"plot: {pareto_plot(rows, Path(a.plot))}")
 
@@ -317,22 +346,28 @@ def main(argv=None) -> None:
         return methods_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+")
+    p.add_argument("--tables", default=",".join(TABLES), help=f"comma-separated, of {list(TABLES)}")
     p.add_argument("--out", default=None)
+    p.add_argument("--section", default=None, help="write between this section's markers in --out (see above)")
     a = p.parse_args(argv)
+    tables = a.tables.split(",")
+    unknown = [t for t in tables if t not in TABLES]
+    if unknown:
+        p.error(f"--tables {a.tables!r}: unknown {unknown}; known: {list(TABLES)}")
     dirs = [Path(r) for r in a.results]
-    rows = load(dirs)
-    md = table(merge_runs(rows))
-    rt = realtime_table(rows)
+    rows = load(dirs) if {"offline", "realtime"} & set(tables) else []
+    md = table(merge_runs(rows)) if "offline" in tables else ""
+    rt = realtime_table(rows) if "realtime" in tables else ""
+    # a caption separates a table from the one before it; a table alone stands under the prose of its section
     if rt:
         md += ("\nRealtime loop (the simulated world runs at its control rate while the policy computes; "
-               "asynchronous inference, stale actions dropped, hold on a miss):\n\n" + rt)
-    bench = bench_table(dirs)
+               "asynchronous inference, stale actions dropped, hold on a miss):\n\n" if md else "") + rt
+    bench = bench_table(dirs) if "bench" in tables else ""
     if bench:
-        md += "\nBenchmark (eval/bench.py: one process, interleaved rounds, batch 1):\n\n" + bench
+        md += ("\nBenchmark (eval/bench.py: one process, interleaved rounds, batch 1):\n\n" if md else "") + bench
     print(md)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(md)
+        write_out(Path(a.out), md, a.section)
 
 
 if __name__ == "__main__":

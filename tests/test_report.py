@@ -54,3 +54,59 @@ def test_load_skips_and_names_files_it_cannot_use(tmp_path, capsys):
     assert f"skipping {tmp_path / 'c' / 'summary.json'}: not a rollout summary" in err
     with pytest.raises(FileNotFoundError, match="no summary.json"):
         load([tmp_path / "b"])
+
+
+def test_write_out_replaces_only_its_section(tmp_path):
+    from eval.report import write_out
+
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nprose before\n<!-- bench:start -->\nold table\n<!-- bench:end -->\n\nprose after\n")
+    write_out(doc, "\n| new | table |\n", "bench")
+    assert doc.read_text() == ("# Results\n\nprose before\n<!-- bench:start -->\n| new | table |\n<!-- bench:end -->"
+                               "\n\nprose after\n")
+    with pytest.raises(ValueError, match="must hold one '<!-- realtime:start -->'.* it holds 0 and 0"):
+        write_out(doc, "| x |", "realtime")
+    write_out(tmp_path / "new.md", "| whole |\n")  # no section: the whole file
+    assert (tmp_path / "new.md").read_text() == "| whole |\n"
+
+
+def test_bench_table_names_each_run(tmp_path):
+    import json
+
+    from eval.report import bench_table
+
+    row = {"config": "none", "latency_ms": {"p50": 300.0, "p95": 330.0}, "speedup": 1.0, "flops_ratio": 1.0,
+           "speedup_vs_flops": 1.0, "action_mse": 0.0, "device": "cpu"}
+    for sub in ("can", "can/bench_quiet"):
+        (tmp_path / sub).mkdir(parents=True, exist_ok=True)
+        (tmp_path / sub / "bench.json").write_text(json.dumps({"meta": {"task": "can"}, "rows": [row]}))
+    lines = bench_table([tmp_path]).splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| can", "| can/bench_quiet"]
+
+
+def test_docs_tables_are_what_report_writes(tmp_path, monkeypatch):
+    """The eval/report.py commands that docs/*.md list, run again, leave those docs unchanged: every table between
+    the markers is what the runs under docs/ give."""
+    import shlex
+    from pathlib import Path
+
+    from eval.report import main
+    from tests.test_readme import DOC_COMMANDS
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    commands = [shlex.split(c)[2:] for c in DOC_COMMANDS if c.startswith("python eval/report.py")]
+    assert len(commands) >= 5
+    for argv in commands:
+        out = argv.index("--out") + 1
+        doc = root / argv[out]
+        copy = tmp_path / doc.name
+        if not copy.exists():
+            copy.write_text(doc.read_text())
+        argv[out] = str(copy)
+        if "--plot" in argv:  # the figure is not compared
+            i = argv.index("--plot")
+            del argv[i:i + 2]
+        main(argv)
+    for copy in tmp_path.iterdir():
+        assert copy.read_text() == (root / "docs" / copy.name).read_text(), f"docs/{copy.name} differs from report.py's"
