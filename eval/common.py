@@ -91,3 +91,20 @@ def load_bench_obs(policy, checkpoint: Path, n: int) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path} is missing; make it with `python eval/calibrate.py policy.checkpoint={checkpoint}`")
     with np.load(path, allow_pickle=False) as z:
         return {k: torch.from_numpy(z[k][:n]) for k in policy.config.obs_keys}
+
+
+def write_out(path: Path, md: str, section: str | None = None) -> None:
+    """Write ``md`` to ``path``; with ``section``, only between the file's ``<!-- section:start -->`` and
+    ``<!-- section:end -->`` lines, which must each occur once, in that order (the rest of the file stays)."""
+    if section is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(md)
+        return
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    text = path.read_text() if path.exists() else ""
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{path} must hold one {start!r} and, after it, one {end!r} to write section {section!r}; "
+                         f"it holds {text.count(start)} and {text.count(end)}")
+    head, rest = text.split(start)
+    tail = rest.split(end)[1]
+    path.write_text(f"{head}{start}\n{md.strip()}\n{end}{tail}")

@@ -1,16 +1,27 @@
 """The frontier's report: pooled success per cell, the Pareto set, the cells within the reference's interval, a
 recommendation per latency budget, the proxies' rank correlation, the table (``frontier.md``, ``frontier.json``)
-and the plot (``frontier.png``). ``eval/frontier.py`` measures what this reads."""
+and the plot (``frontier.png``). ``eval/frontier.py`` measures what this reads.
+
+Across tasks (the README's summary: what a user should run, per task, and whether any cache earns its place):
+
+    python eval/frontier_report.py docs/frontier/lift docs/frontier/can docs/frontier/square \
+        --out README.md --section frontier --plot docs/figures/frontier_tasks.png
+"""
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from bac.frontier import choose_for_budget, pareto, pooled
-from eval.common import write_atomic
+from eval.common import write_atomic, write_out
 from eval.frontier_grid import Cell
 
 if TYPE_CHECKING:
@@ -134,12 +145,22 @@ def plot(rows: list[dict], summary: dict, path: Path, task: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if "success" in r and "latency_ms" in r]
-    if not done:
+    if not any("success" in r and "latency_ms" in r for r in rows):
         return
+    fig, ax = plt.subplots(figsize=(12, 6))
+    draw(ax, rows, summary, task)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def draw(ax, rows: list[dict], summary: dict, task: str, labels: bool = True) -> None:
+    """One task's frontier on ``ax``: every cell with its interval, the reference's interval as a band, the
+    Pareto front as a dashed step line."""
+    done = [r for r in rows if "success" in r and "latency_ms" in r]
     colors = {"ddpm": "tab:red", "ddim": "tab:blue", "dpmsolver": "tab:green", "unipc": "tab:purple"}
     markers = {"none": "o", "uniform": "s", "bac": "D", "ertacache": "^", "fbcache": "v", "teacache": "P"}
-    fig, ax = plt.subplots(figsize=(12, 6))
     ref = next((r for r in done if r["label"] == summary["reference"]), None)
     if ref is not None:
         lo, hi = ref["success"]["ci95"]
@@ -155,7 +176,7 @@ def plot(rows: list[dict], summary: dict, path: Path, task: str) -> None:
                     fmt="*" if warm else markers.get(r["cache"], "X"), color=colors.get(r["sampler"], "k"),
                     ms=9 if warm else 6, capsize=2, alpha=0.85, label=None if key in seen else name)
         seen.add(key)
-        if (r["cache"] == "none" and not warm) or r["label"] in summary["pareto"]:
+        if labels and ((r["cache"] == "none" and not warm) or r["label"] in summary["pareto"]):
             ax.annotate(r["label"].split("[")[0].replace("+", "\n+"), (x, s["rate"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=6)
     front = [next(r for r in done if r["label"] == lab) for lab in summary["pareto"]]
@@ -174,7 +195,132 @@ def plot(rows: list[dict], summary: dict, path: Path, task: str) -> None:
     ax.set_title(f"{task}: success against latency over samplers, step counts and caches")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+
+
+# ---------------------------------------------------------------------------------------------- across tasks
+def roles(rows: list[dict], summary: dict) -> list[tuple[str, dict]]:
+    """The cells a user asks about, per task: the reference, DDIM-10 (the first thing one tries), the fastest cell
+    within the reference's interval, the choice at a 40 ms p95 budget, the most successful and the fastest
+    within-interval cached cell, and the most successful warm start."""
+    done = {r["label"]: r for r in rows if "success" in r and "latency_ms" in r}
+    within = [done[lab] for lab in summary["within_reference"] if lab in done]
+    cached = [r for r in done.values() if r["cache"] != "none"]
+    warm = [r for r in done.values() if r.get("start")]
+    best = lambda rs: max(rs, key=lambda r: (r["success"]["rate"], -r["latency_ms"]["p50"]))  # noqa: E731
+    at40 = next((x["label"] for x in summary["recommended"] if x["budget_ms"] == 40), None)
+    out = [("reference", done.get(summary["reference"])), ("DDIM-10", done.get("ddim-10")),
+           ("fastest within the reference's interval", within[0] if within else None),
+           ("chosen for a 40 ms p95 budget", done.get(at40)),
+           ("most successful cache", best(cached) if cached else None),
+           ("fastest cache within the interval", min((r for r in within if r["cache"] != "none"),
+                                                     key=lambda r: r["latency_ms"]["p50"], default=None)),
+           ("most successful warm start", best(warm) if warm else None)]
+    return [(role, r) for role, r in out if r is not None]
+
+
+def caches_on_front(rows: list[dict], summary: dict) -> list[str]:
+    """Cached or warm-started cells on the Pareto set that no uncached sampler matches: the cells where reuse earns
+    its place (an uncached cell at most as slow with at least the success would dominate or tie them)."""
+    done = {r["label"]: r for r in rows if "success" in r and "latency_ms" in r}
+    plain = [r for r in done.values() if r["cache"] == "none" and not r.get("start")]
+    out = []
+    for lab in summary["pareto"]:
+        r = done[lab]
+        if r["cache"] == "none" and not r.get("start"):
+            continue
+        if not any(p["latency_ms"]["p50"] <= r["latency_ms"]["p50"] and p["success"]["rate"] >= r["success"]["rate"]
+                   for p in plain):
+            out.append(lab)
+    return out
+
+
+def beats_uncached(rows: list[dict]) -> list[str]:
+    """Cached or warm-started cells strictly better than every uncached sampler: success above the interval of
+    every uncached cell at most as slow (its lower bound above their rates), or the success of the best uncached
+    cell at least as successful at 1.5x lower p50 latency."""
+    done = [r for r in rows if "success" in r and "latency_ms" in r]
+    plain = [r for r in done if r["cache"] == "none" and not r.get("start")]
+    out = []
+    for r in done:
+        if r in plain:
+            continue
+        lat, s = r["latency_ms"]["p50"], r["success"]
+        faster = [p["success"]["rate"] for p in plain if p["latency_ms"]["p50"] <= lat]
+        as_good = [p["latency_ms"]["p50"] for p in plain if p["success"]["rate"] <= s["rate"]
+                   and p["success"]["rate"] == max(q["success"]["rate"] for q in plain)]
+        if s["ci95"][0] > max(faster, default=0.0) or (as_good and 1.5 * lat <= min(as_good)):
+            out.append(r["label"])
+    return out
+
+
+def tasks_table(frontiers: dict[str, dict]) -> str:
+    """The README's summary: per task (``frontiers``: task -> frontier.json), the cells of ``roles`` and the Pareto
+    set, with pooled success, latency and the speedup against the reference."""
+    lines = ["| task | what | config | success [95% CI] | episodes | p50 / p95 ms | vs reference p50 | |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for task, data in frontiers.items():
+        rows, summary = data["rows"], data["summary"]
+        ref = next((r for r in rows if r["label"] == summary["reference"] and "latency_ms" in r), None)
+        front, within = set(summary["pareto"]), set(summary["within_reference"])
+        for role, r in roles(rows, summary):
+            s, lat = r["success"], r["latency_ms"]
+            speed = f"{ref['latency_ms']['p50'] / lat['p50']:.1f}×" if ref else "-"
+            mark = ("★" if r["label"] in front else "") + ("✓" if r["label"] in within else "")
+            lines.append(f"| {task} | {role} | {r['label']} | {s['rate']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}] | "
+                         f"{s['episodes']} | {lat['p50']:.1f} / {lat['p95']:.1f} | {speed} | {mark} |")
+        reuse = caches_on_front(rows, summary)
+        notes.append(f"- {task}: {summary['n_cells_done']} cells; Pareto set (fastest first) "
+                     f"{', '.join(summary['pareto'])}; cached or warm-started cells on it that no uncached sampler "
+                     f"matches: {', '.join(reuse) or 'none'}; strictly better than every uncached sampler (success "
+                     f"above their intervals at equal latency, or the best one's success at 1.5x less): "
+                     f"{', '.join(beats_uncached(rows)) or 'none'}.")
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
+def tasks_plot(frontiers: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(frontiers), figsize=(6 * len(frontiers), 5), squeeze=False)
+    for ax, (task, data) in zip(axes[0], frontiers.items()):
+        draw(ax, data["rows"], data["summary"], task, labels=False)
+        ax.set_title(task)
+    legend = {}
+    for ax in axes[0]:
+        for h, name in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(name, h)
+    fig.legend(list(legend.values()), list(legend), fontsize=7, loc="lower center", ncol=min(6, len(legend)))
+    fig.suptitle("success against batch-1 latency per action chunk: samplers, step counts, caches, warm starts")
+    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="the frontiers of several tasks in one table (and one plot)")
+    p.add_argument("frontiers", nargs="+", help="docs/frontier/<task> folders (each with frontier.json)")
+    p.add_argument("--out", default=None, help="a markdown file to write (default: print)")
+    p.add_argument("--section", default=None, help="write between this section's markers in --out")
+    p.add_argument("--plot", default=None)
+    a = p.parse_args(argv)
+    frontiers = {}
+    for d in map(Path, a.frontiers):
+        f = d / "frontier.json"
+        if not f.exists():
+            raise FileNotFoundError(f"{f} is missing: run `python eval/frontier.py ... frontier.phase=report` first")
+        frontiers[d.name] = json.loads(f.read_text())
+    md = tasks_table(frontiers)
+    if a.out:
+        write_out(Path(a.out), md, a.section)
+    else:
+        print(md)
+    if a.plot:
+        tasks_plot(frontiers, Path(a.plot))
+
+
+if __name__ == "__main__":
+    main()
