@@ -234,21 +234,24 @@ def caches_on_front(rows: list[dict], summary: dict) -> list[str]:
     return out
 
 
+SAME_LATENCY = 1.15  # latencies of two cells within 15% count as equal (the timing noise between cells here)
+
+
 def beats_uncached(rows: list[dict]) -> list[str]:
-    """Cached or warm-started cells strictly better than every uncached sampler: success above the interval of
-    every uncached cell at most as slow (its lower bound above their rates), or the success of the best uncached
-    cell at least as successful at 1.5x lower p50 latency."""
+    """Cached or warm-started cells strictly better than every uncached sampler. Faster: at least 1.5x below the
+    p50 of the fastest uncached cell whose success reaches this cell's lower interval bound (the same success,
+    within noise). Or more successful: a success rate above the upper interval bound of every uncached cell at
+    most as slow (latencies within ``SAME_LATENCY`` count as equal)."""
     done = [r for r in rows if "success" in r and "latency_ms" in r]
     plain = [r for r in done if r["cache"] == "none" and not r.get("start")]
     out = []
     for r in done:
-        if r in plain:
+        if r["cache"] == "none" and not r.get("start"):
             continue
         lat, s = r["latency_ms"]["p50"], r["success"]
-        faster = [p["success"]["rate"] for p in plain if p["latency_ms"]["p50"] <= lat]
-        as_good = [p["latency_ms"]["p50"] for p in plain if p["success"]["rate"] <= s["rate"]
-                   and p["success"]["rate"] == max(q["success"]["rate"] for q in plain)]
-        if s["ci95"][0] > max(faster, default=0.0) or (as_good and 1.5 * lat <= min(as_good)):
+        as_good = [p["latency_ms"]["p50"] for p in plain if p["success"]["rate"] >= s["ci95"][0]]
+        as_fast = [p["success"]["ci95"][1] for p in plain if p["latency_ms"]["p50"] <= SAME_LATENCY * lat]
+        if (as_good and 1.5 * lat <= min(as_good)) or (as_fast and s["rate"] > max(as_fast)):
             out.append(r["label"])
     return out
 
@@ -273,7 +276,7 @@ def tasks_table(frontiers: dict[str, dict]) -> str:
         notes.append(f"- {task}: {summary['n_cells_done']} cells; Pareto set (fastest first) "
                      f"{', '.join(summary['pareto'])}; cached or warm-started cells on it that no uncached sampler "
                      f"matches: {', '.join(reuse) or 'none'}; strictly better than every uncached sampler (success "
-                     f"above their intervals at equal latency, or the best one's success at 1.5x less): "
+                     f"above their intervals at equal latency, or equal success at 1.5x less latency): "
                      f"{', '.join(beats_uncached(rows)) or 'none'}.")
     return "\n".join(lines + [""] + notes) + "\n"
 

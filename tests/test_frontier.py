@@ -67,6 +67,39 @@ def test_analyse_marks_reference_interval_and_proxy_correlation():
     assert recommended[10] == "faster" and recommended[15] == "fast" and recommended[400] == "ref"
 
 
+def test_the_cross_task_summary_says_where_a_cache_earns_its_place(tmp_path):
+    """Roles per task, caches on the Pareto set, and the strict test: a cache beats every uncached sampler only
+    with success above their intervals at its latency, or the best one's success at 1.5x less latency."""
+    from eval.frontier_report import beats_uncached, caches_on_front, main
+
+    def row(label, lat, s, n=50, cache="none", start=0):
+        return {"label": label, "sampler": label.split("-")[0], "cache": cache, "start": start,
+                "latency_ms": {"p50": lat, "p95": 1.1 * lat},
+                "success": pooled([s], [n])}
+
+    rows = [row("ddpm-100", 300, 35), row("ddim-10", 30, 36), row("ddim-3", 10, 30), row("ddim-2", 8, 15),
+            row("ddim-10+uniform", 9, 33, cache="uniform"),       # on the front (faster than ddim-3, more successful)
+            row("ddim-10@k7", 12, 31, start=7),                    # dominated by the cache above
+            row("ddim-8+bac", 9.5, 49, n=50, cache="bac")]         # above every uncached interval at 9.5 ms
+    summary = frontier.analyse(rows, "ddpm-100")
+    assert caches_on_front(rows, summary) == ["ddim-10+uniform", "ddim-8+bac"]
+    # uniform is on the front but within ddim-3's noise (10 ms, 0.60 [0.46, 0.72]): not strictly better
+    assert beats_uncached(rows) == ["ddim-8+bac"]
+    faster = rows[:4] + [row("ddim-10+ertacache", 6, 30, cache="ertacache")]  # ddim-3's success at 1.67x less
+    assert beats_uncached(faster) == ["ddim-10+ertacache"]
+    (tmp_path / "lift").mkdir()
+    (tmp_path / "lift" / "frontier.json").write_text(json.dumps({"rows": rows, "summary": summary}))
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- frontier:start -->\nold\n<!-- frontier:end -->\nafter\n")
+    main([str(tmp_path / "lift"), "--out", str(doc), "--section", "frontier", "--plot", str(tmp_path / "f.png")])
+    text = doc.read_text()
+    assert text.startswith("intro") and text.endswith("after\n") and "old" not in text
+    assert "| lift | reference | ddpm-100 | 0.70" in text and "| lift | DDIM-10 | ddim-10 |" in text
+    assert "strictly better than every uncached sampler" in text and (tmp_path / "f.png").stat().st_size > 10_000
+    with pytest.raises(FileNotFoundError, match="frontier.json is missing"):
+        main([str(tmp_path / "nowhere")])
+
+
 @pytest.fixture(scope="module")
 def calibrated(toy_checkpoint):
     """The toy checkpoint calibrated from its demos (writes calib_obs.npz and bench_obs.npz beside it)."""
