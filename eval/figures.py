@@ -272,19 +272,22 @@ def main(argv=None) -> None:
     f.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    if a.cmd in ("heatmaps", "step-error"):  # figures of a checkpoint go to docs/figures, never into the checkpoint
+        ckpt = Path(a.checkpoint)
+        name = f"{ckpt.name}_heatmaps_{a.metric}.png" if a.cmd == "heatmaps" else f"{ckpt.name}_step_error_S{a.n_updates}.png"
+        a.out = a.out or str(ROOT / "docs" / "figures" / name)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if a.cmd == "heatmaps":
-        ckpt = Path(a.checkpoint)
-        path = heatmaps(ckpt, a.metric, Path(a.out or ROOT / "docs" / "figures" / f"{ckpt.name}_heatmaps_{a.metric}.png"))
+        path = heatmaps(ckpt, a.metric, out)
     elif a.cmd == "step-error":
-        ckpt = Path(a.checkpoint)
-        path = step_error(ckpt, a.n_updates, a.n_bubble,
-                          Path(a.out or ROOT / "docs" / "figures" / f"{ckpt.name}_step_error_S{a.n_updates}.png"))
+        path = step_error(ckpt, a.n_updates, a.n_bubble, out)
     elif a.cmd == "frames":
-        path = frames([Path(v) for v in a.videos], Path(a.out), a.n_frames)
+        path = frames([Path(v) for v in a.videos], out, a.n_frames)
     elif a.cmd == "realtime":
-        path = realtime([Path(x) for x in a.results], [Path(x) for x in a.offline], Path(a.out))
+        path = realtime([Path(x) for x in a.results], [Path(x) for x in a.offline], out)
     else:
-        path = hz_success([Path(r) for r in a.results], Path(a.out), a.hz, [Path(b) for b in a.bench])
+        path = hz_success([Path(r) for r in a.results], out, a.hz, [Path(b) for b in a.bench])
     print(f"wrote {path}")
 
 

@@ -245,3 +245,13 @@ def test_run_takes_the_budget_choice_that_tune_recorded(calibrated, tmp_path, mo
     assert calls == [1, 1]
     other = run.evaluate(compose_cfg(*base, *rollout, "loop.budget_ms=9000"), tmp_path / "other_budget")
     assert calls == [1, 1, 1] and other["budget"]["budget_ms"] == 9000  # another budget is another record
+
+
+def test_figures_go_to_docs_not_into_the_checkpoint(calibrated, tmp_path, monkeypatch):
+    import eval.figures as figures
+
+    before = sorted(p.name for p in calibrated.rglob("*"))
+    monkeypatch.setattr(figures, "ROOT", tmp_path)  # the repository root the default path hangs off
+    figures.main(["heatmaps", "--checkpoint", str(calibrated)])
+    assert list((tmp_path / "docs" / "figures").glob("*_heatmaps_cosine.png"))
+    assert sorted(p.name for p in calibrated.rglob("*")) == before

@@ -307,3 +307,26 @@ def test_a_results_folder_is_held_by_one_run(toy_checkpoint, tmp_path):
     assert run.evaluate(cfg, tmp_path)["n_episodes"] == 2
     assert not (tmp_path / ".run.lock").exists()  # released
 
+
+
+def test_a_full_disk_leaves_the_previous_summary(tmp_path, monkeypatch):
+    """summary.json is written to a temporary file and renamed: a failed write keeps the old file, whole."""
+    import errno
+    from pathlib import Path
+
+    from eval.common import write_atomic
+
+    target = tmp_path / "summary.json"
+    write_atomic(target, '{"n_episodes": 50}\n')
+    real_write = Path.write_text
+
+    def full_disk(self, text, *a, **k):
+        real_write(self, text[: len(text) // 2], *a, **k)  # half of it lands, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(target, '{"n_episodes": 100, "success_rate": 0.5}\n')
+    monkeypatch.undo()
+    assert target.read_text() == '{"n_episodes": 50}\n' and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
