@@ -220,7 +220,7 @@ def check_stack_matches_layer_wrappers(policy):
         cls.cache_stack = declared if stacked else None
         try:
             engine = attach(policy.model, schedule)
-            assert (engine._stack is not None) == stacked
+            assert (engine._fusion.stack is not None) == stacked
             policy.step_cursor = engine
             outs[stacked] = act(policy, obs())
             stats[stacked] = (engine.computed.copy(), engine.reused.copy())
