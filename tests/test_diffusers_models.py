@@ -1,0 +1,396 @@
+"""The cache engine on tiny random-init instances of nine diffusers transformer classes (built offline, no
+downloads): blocks found by the default patterns, compute-everything bit-exact, detach exact, every method runs,
+execution order measured on two-stack models, one cache per model call within a step (CFG as two calls), and
+no crash or lost hook beside diffusers' own caching hooks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from bac import profiling  # noqa: E402
+from bac.blocks import BlockSpec  # noqa: E402
+from bac.calibration import Calibration  # noqa: E402
+from bac.engine import FIRST_INPUT, attach, fingerprint  # noqa: E402
+from bac.forecasters import AdamsBashforth, FoCa, LinearCorrection, Reuse, Taylor  # noqa: E402
+from bac.sampling import denoise  # noqa: E402
+from bac.schedule import compute_all, uniform  # noqa: E402
+from bac.strategies import BWCache, FBCache, HyCa, MaskForecast, TeaCache, ToCa  # noqa: E402
+from bac.wrapping import WrapperConflict  # noqa: E402
+
+K = 6  # denoising steps
+D = diffusers
+
+
+def _build(name):
+    """(model, x, kwargs without timestep, timestep scale): a tiny instance of each class and its inputs."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    text = dict(encoder_hidden_states=r(1, 6, 12))
+    make = {
+        "dit": lambda: (D.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
+                                                sample_size=8, patch_size=2, num_embeds_ada_norm=10),
+                        r(1, 4, 8, 8), dict(class_labels=torch.zeros(1, dtype=torch.long))),
+        "pixart": lambda: (D.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                      out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                                      cross_attention_dim=16, caption_channels=12),
+                           r(1, 4, 8, 8), dict(text, added_cond_kwargs={"resolution": None, "aspect_ratio": None})),
+        "sd3": lambda: (D.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                                caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
+                                                pos_embed_max_size=16),
+                        r(1, 4, 8, 8), dict(text, pooled_projections=r(1, 10))),
+        "flux": lambda: (D.FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=2,
+                                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                                  pooled_projection_dim=10, axes_dims_rope=(2, 2, 4)),
+                         r(1, 16, 8), dict(text, pooled_projections=r(1, 10), img_ids=torch.zeros(16, 3),
+                                           txt_ids=torch.zeros(6, 3))),
+        "cogvideox": lambda: (D.CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                            out_channels=4, time_embed_dim=8, text_embed_dim=12,
+                                                            num_layers=2, sample_width=8, sample_height=8,
+                                                            sample_frames=5, patch_size=2, temporal_compression_ratio=4,
+                                                            max_text_seq_length=6),
+                              r(1, 2, 4, 8, 8), dict(text)),
+        "latte": lambda: (D.LatteTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                    out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                                    num_embeds_ada_norm=1000, cross_attention_dim=16,
+                                                    caption_channels=12, video_length=2),
+                          r(1, 4, 2, 8, 8), dict(text)),
+        "wan": lambda: (D.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                                in_channels=4, out_channels=4, text_dim=12, freq_dim=16, ffn_dim=32,
+                                                num_layers=2, rope_max_seq_len=32),
+                        r(1, 4, 2, 8, 8), dict(text)),
+        "hunyuan": lambda: (D.HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                             attention_head_dim=8, num_layers=1, num_single_layers=1,
+                                                             num_refiner_layers=1, mlp_ratio=2.0, patch_size=1,
+                                                             patch_size_t=1, text_embed_dim=12,
+                                                             pooled_projection_dim=10, rope_axes_dim=(2, 2, 4),
+                                                             guidance_embeds=False),
+                            r(1, 4, 1, 4, 4), dict(text, encoder_attention_mask=torch.ones(1, 6),
+                                                   pooled_projections=r(1, 10))),
+        "ltx": lambda: (D.LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                                     num_attention_heads=2, attention_head_dim=8,
+                                                     cross_attention_dim=16, num_layers=2, caption_channels=12),
+                        r(1, 16, 8), dict(text, encoder_attention_mask=torch.ones(1, 6), num_frames=1, height=4,
+                                          width=4)),
+    }[name]
+    torch.manual_seed(0)
+    model, x, kw = make()
+    return model.eval(), x, kw, (1 / 1000 if name == "flux" else 1)
+
+
+MODELS = ["dit", "pixart", "sd3", "flux", "cogvideox", "latte", "wan", "hunyuan", "ltx"]
+N_BLOCKS = {"dit": 4, "pixart": 6, "sd3": 5, "flux": 5, "cogvideox": 4, "latte": 10, "wan": 6, "hunyuan": 4, "ltx": 6}
+_CACHE: dict = {}
+
+
+def tiny(name):
+    if name not in _CACHE:
+        _CACHE[name] = _build(name)
+    return _CACHE[name]
+
+
+def sample(name, cursor=None, x=None, **extra):
+    """K DDIM steps of the model's own prediction (the leading channels of its output)."""
+    model, x0, kw, scale = tiny(name)
+    x = x0 if x is None else x
+
+    def model_fn(x, t, k):
+        out = model(x, timestep=t.reshape(1) * scale, return_dict=False, **kw, **extra)[0]
+        return out[:, : x.shape[1]]
+
+    with torch.no_grad():
+        return denoise(model_fn, D.DDIMScheduler(num_train_timesteps=1000), x, K, cursor=cursor)
+
+
+def run(name, cache=None, blocks=None):
+    model = tiny(name)[0]
+    engine = attach(model, cache, blocks=blocks)
+    try:
+        return sample(name, engine), engine
+    finally:
+        engine.detach()
+
+
+def leftovers(model):
+    """Names of modules that still carry an instance attribute set by some wrapper."""
+    return sorted(n for n, m in model.named_modules()
+                  if any(callable(v) and getattr(v, "__bac_engine__", None) is not None for v in vars(m).values())
+                  or ("forward" in vars(m) and getattr(vars(m)["forward"], "__func__", None) is not type(m).forward))
+
+
+# ---------------------------------------------------------------------------------------------------- discovery
+@pytest.mark.parametrize("name", MODELS)
+def test_blocks_found_compute_everything_exact_and_detach_exact(name):
+    model = tiny(name)[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = leftovers(model)
+    reference = sample(name)
+    out, engine = run(name)  # no schedule: every block every step
+    assert len(engine.blocks) == N_BLOCKS[name]
+    assert torch.equal(out, reference)
+    assert engine.computed.sum() == N_BLOCKS[name] * K and engine.reused.sum() == 0
+    out, engine = run(name, compute_all([b.name for b in engine.blocks], K))  # the mask path, storing every value
+    assert torch.equal(out, reference)
+    assert leftovers(model) == before == []
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(sample(name), reference)
+
+
+# ---------------------------------------------------------------------------------------------------- every method
+def calibrate(name):
+    """One uncached run recorded: blocks (in run order), features {name: (K, N, ...)}, first input (K, N, ...)."""
+    model = tiny(name)[0]
+    engine = attach(model)
+    try:
+        with engine.recording(first_input=True) as rec:
+            sample(name, engine)
+    finally:
+        engine.detach()
+    first = torch.stack(rec.pop(FIRST_INPUT)).numpy()
+    return engine.blocks, {n: torch.stack(v).numpy() for n, v in rec.items()}, first
+
+
+def methods(name, everything: bool):
+    """Every method of the engine, built from one calibration run; ``everything``: told to compute everything."""
+    blocks, feats, first = calibrate(name)
+    names = [b.name for b in blocks]
+    flat = {n: f.reshape(f.shape[0], f.shape[1], -1) for n, f in feats.items()}
+    calib = Calibration.from_features(flat, blocks)
+    iv = 1 if everything else 2
+
+    def interval(method="fora"):
+        return profiling.interval_schedule(names, K, iv, method=method)
+
+    erta = profiling.erta_schedule(names, feats, K if everything else 3)
+    bac = calib.schedule("bac", K if everything else 3, n_bubble=1)
+    pool = [Reuse(), Taylor(1)]
+    return {
+        "uniform": uniform(names, K, K if everything else 3),
+        "fora": interval(),
+        "delta_dit": profiling.delta_dit_schedule(blocks, K, 2, 0 if everything else 1),
+        "profiling": profiling.profiling_schedule(blocks, calib.errors, K, 1, iv, 1),
+        "unified_acs": calib.schedule("unified_acs", K if everything else 3),
+        "blockwise_acs": calib.schedule("blockwise_acs", K if everything else 3),
+        "bac": bac,
+        "taylorseer": MaskForecast(interval("taylorseer"), Taylor(1)),
+        "foca": MaskForecast(interval("foca"), FoCa()),
+        "abcache": MaskForecast(interval("abcache"), AdamsBashforth(2)),
+        "hyca": MaskForecast(interval("hyca"), HyCa(pool, profiling.fit_hyca(feats, interval("hyca"), pool, names, 2)[0])),
+        "ertacache": MaskForecast(erta, LinearCorrection(profiling.fit_erta(erta, feats, names))),
+        "bac_forecast": MaskForecast(bac, Taylor(1)),
+        "teacache": TeaCache(0.0 if everything else 1e9, profiling.fit_teacache(first, feats)["coeffs"]),
+        "fbcache": FBCache(0.0 if everything else 10.0),
+        "bwcache": BWCache(0.0 if everything else 10.0, max_reuse=2),
+        "toca": ToCa(iv, 0.5),
+    }
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_method_is_exact_computing_everything_and_skips_otherwise(name):
+    reference = sample(name)
+    for method, cache in methods(name, everything=True).items():
+        out, engine = run(name, cache)
+        assert torch.equal(out, reference), method
+        assert engine.reused.sum() == 0, method
+    for method, cache in methods(name, everything=False).items():
+        out, engine = run(name, cache)
+        assert out.shape == reference.shape and torch.isfinite(out).all(), method
+        assert engine.reused.sum() > 0, f"{method} reused nothing on {name}"
+
+
+# ---------------------------------------------------------------------------------------------------- order and depth
+def test_flux_runs_double_stream_then_single_stream_blocks():
+    model = tiny("flux")[0]
+    engine = attach(model)
+    blocks = engine.trace(lambda: sample("flux"))  # the first call shows the order
+    engine.detach()
+    assert [(b.name, b.layer, b.kind) for b in blocks] == [
+        ("transformer_blocks.0.attn", 0, "attn"), ("transformer_blocks.0.ff", 0, "ffn"),
+        ("transformer_blocks.0.ff_context", 0, "ffn"), ("single_transformer_blocks.0", 1, "block"),
+        ("single_transformer_blocks.1", 2, "block")]
+    fb = FBCache(10.0)
+    _, engine = run("flux", fb)
+    assert [engine.blocks[i].name for i in fb.first] == ["transformer_blocks.0.attn", "transformer_blocks.0.ff",
+                                                       "transformer_blocks.0.ff_context"]
+    assert engine.reused[3:, 1:].sum() > 0 and engine.reused[:3].sum() == 0  # only the first layer always runs
+
+
+def test_latte_interleaves_spatial_and_temporal_blocks():
+    _, engine = run("latte")
+    assert [(b.name, b.layer) for b in engine.blocks] == [
+        ("transformer_blocks.0.attn1", 0), ("transformer_blocks.0.attn2", 0), ("transformer_blocks.0.ff", 0),
+        ("temporal_transformer_blocks.0.attn1", 1), ("temporal_transformer_blocks.0.ff", 1),
+        ("transformer_blocks.1.attn1", 2), ("transformer_blocks.1.attn2", 2), ("transformer_blocks.1.ff", 2),
+        ("temporal_transformer_blocks.1.attn1", 3), ("temporal_transformer_blocks.1.ff", 3)]
+    # Δ-DiT caches the rear layer early and the front layer late: the last and first to run, not by name
+    m = profiling.delta_dit_schedule(engine.blocks, K, 2, 1).to_mask()
+    assert [b.name for b, row in zip(engine.blocks, m) if not row[: K // 2].all()] == [
+        "temporal_transformer_blocks.1.attn1", "temporal_transformer_blocks.1.ff"]
+    assert [b.name for b, row in zip(engine.blocks, m) if not row[K // 2:].all()] == [
+        "transformer_blocks.0.attn1", "transformer_blocks.0.attn2", "transformer_blocks.0.ff"]
+
+
+# ---------------------------------------------------------------------------------------------------- CFG
+@pytest.mark.parametrize("name,cache", [("pixart", "uniform"), ("flux", "uniform"), ("sd3", "fbcache"), ("latte", "taylorseer")])
+def test_cfg_as_two_calls_keeps_one_cache_per_call(name, cache):
+    """Conditional then unconditional call at every step: each call gets the values its own branch computed, so
+    each branch's outputs are bitwise those of that branch run alone under the same cache."""
+    model, x, kw, scale = tiny(name)
+    probe = attach(model)
+    names = [b.name for b in probe.trace(lambda: sample(name))]
+    probe.detach()
+    make = {"uniform": lambda: uniform(names, K, 2), "fbcache": lambda: FBCache(10.0),
+            "taylorseer": lambda: MaskForecast(profiling.interval_schedule(names, K, 2), Taylor(1))}[cache]
+    text = kw["encoder_hidden_states"]
+    xs = [x + 0.1 * k for k in range(K)]  # fixed inputs: the calls' outputs do not feed each other
+
+    def calls(engine, conds):
+        outs = []
+        with torch.no_grad(), engine.session(K):
+            for k in range(K):
+                engine.step(k)
+                for c in conds:
+                    extra = dict(kw, encoder_hidden_states=c)
+                    outs.append(model(xs[k], timestep=torch.tensor([900 - 100 * k]) * scale, return_dict=False,
+                                      **extra)[0])
+        return outs
+
+    runs = {}
+    for conds in ([text], [torch.zeros_like(text)], [text, torch.zeros_like(text)]):
+        engine = attach(model, make())
+        runs[len(runs)] = (calls(engine, conds), engine.reused.sum())
+        engine.detach()
+    alone_c, alone_u, (both, reused) = runs[0][0], runs[1][0], runs[2]
+    assert reused > 0
+    assert all(torch.equal(a, b) for a, b in zip(alone_c, both[0::2]))
+    assert all(torch.equal(a, b) for a, b in zip(alone_u, both[1::2]))
+
+
+# ---------------------------------------------------------------------------------------------------- other wrappers
+def test_beside_diffusers_first_block_cache_hooks():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    model = tiny("flux")[0]
+    reference = sample("flux")
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+    hooked = {n: vars(m)["forward"] for n, m in model.named_modules() if "forward" in vars(m)}
+    assert hooked  # diffusers rewrote the blocks' forwards
+    with pytest.raises(WrapperConflict, match="single_transformer_blocks.0 carries diffusers hooks"):
+        attach(model)  # a unit on a hooked block: refused, nothing installed
+    assert {n: vars(m)["forward"] for n, m in model.named_modules() if "forward" in vars(m)} == hooked
+    engine = attach(model, blocks="transformer_blocks.*.{attn,ff,ff_context}")  # branches inside hooked blocks
+    with model.cache_context("cond"):
+        out = sample("flux", engine)
+    assert out.shape == reference.shape and engine.computed.sum() > 0
+    engine.detach()
+    assert {n: vars(m)["forward"] for n, m in model.named_modules() if "forward" in vars(m)} == hooked  # theirs stay
+    model.disable_cache()  # leaves the blocks' own forwards set on the instances
+    leftover = {n: vars(m)["forward"] for n, m in model.named_modules() if "forward" in vars(m)}
+    out, engine = run("flux")
+    assert torch.equal(out, reference)
+    assert {n: vars(m)["forward"] for n, m in model.named_modules() if "forward" in vars(m)} == leftover
+    assert torch.equal(sample("flux"), reference)
+
+
+def test_detach_keeps_hooks_set_after_the_engine():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    model = tiny("flux")[0]
+    reference = sample("flux")
+    engine = attach(model)  # wraps the single-stream blocks as units
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.05))  # diffusers wraps the engine's wrappers
+    engine.detach()  # takes its link out of diffusers' chain; diffusers' hooks stay and still run
+    assert leftovers(model) != [] and not any(
+        getattr(getattr(ref, "forward", None), "__bac_engine__", None) or getattr(ref.original_forward, "__bac_engine__", None)
+        for m in model.modules() if hasattr(m, "_diffusers_hook") for ref in m._diffusers_hook._fn_refs)
+    with model.cache_context("cond"):
+        assert sample("flux").shape == reference.shape
+    model.disable_cache()
+    assert leftovers(model) == []  # no wrapper of anyone is left
+    assert torch.equal(sample("flux"), reference)
+
+
+def test_a_second_engine_or_a_hand_set_forward_is_refused():
+    model = tiny("dit")[0]
+    engine = attach(model)
+    with pytest.raises(WrapperConflict, match="already wrapped by another bac engine"):
+        attach(model)
+    engine.detach()
+    ff = model.transformer_blocks[0].ff
+    ff.forward = lambda x: x
+    try:
+        with pytest.raises(WrapperConflict, match="transformer_blocks.0.ff.forward is already replaced"):
+            attach(model)
+    finally:
+        del ff.forward
+    assert leftovers(model) == []
+
+
+# ---------------------------------------------------------------------------------------------------- declarations
+def test_gated_layers_cannot_be_fused():
+    model = tiny("dit")[0]
+    names = [f"transformer_blocks.{i}.{a}" for i in range(2) for a in ("attn1", "ff")]
+    engine = attach(model, uniform(names, K, 2), layers="transformer_blocks.*")
+    with pytest.raises(ValueError, match="gated or scaled outside those blocks"):
+        sample("dit", engine)
+    engine.detach()
+    assert leftovers(model) == []
+
+
+def test_unknown_attributes_take_a_declared_kind_and_units_keep_their_structure():
+    model = tiny("flux")[0]
+    with pytest.raises(ValueError, match="cannot tell the kind of block single_transformer_blocks.0.proj_mlp"):
+        attach(model, blocks="single_transformer_blocks.*.proj_mlp")
+    blocks = [{"single_transformer_blocks.*.proj_mlp": "ffn"}, "single_transformer_blocks.*.attn"]
+    out, engine = run("flux", blocks=blocks)
+    assert torch.equal(out, sample("flux")) and [b.kind for b in engine.blocks] == ["ffn", "attn"] * 2
+    names = ["transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context",
+             "single_transformer_blocks.0", "single_transformer_blocks.1"]
+    declared = ["transformer_blocks.*.{attn,ff,ff_context}",
+                BlockSpec("single_transformer_blocks.*", "block", streams=("encoder_hidden_states", "hidden_states"))]
+    a, _ = run("flux", uniform(names, K, 2))
+    b, _ = run("flux", uniform(names, K, 2), blocks=declared)
+    assert torch.equal(a, b) and not torch.equal(a, sample("flux"))
+
+
+def test_a_unit_with_two_same_shaped_inputs_must_declare_its_streams():
+    class Unit(torch.nn.Module):
+        def forward(self, a, b):
+            return b + a.mean(), a + 1.0  # continues (b, a)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.units = torch.nn.ModuleList([Unit()])
+
+        def forward(self, a, b):
+            for u in self.units:
+                b, a = u(a, b)
+            return a + b
+
+    net, a, b = Net(), torch.randn(2, 3), torch.randn(2, 3)
+    engine = attach(net, blocks=BlockSpec("units.*", "block"))
+    with pytest.raises(ValueError, match=r"cannot tell which argument its output tensor 0 .* streams="):
+        net(a, b)
+    engine.detach()
+    engine = attach(net, uniform(["units.0"], 2, 1), blocks=BlockSpec("units.*", "block", streams=("b", "a")))
+    with engine.session(2):
+        engine.step(0)
+        net(a, b)
+        engine.step(1)
+        out = net(a + 1, b)  # reused: each stream plus its residual from step 0
+    engine.detach()
+    assert torch.allclose(out, (b + a.mean()) + (a + 2.0))
+
+
+def test_fingerprint_takes_any_dtype_and_is_kept_per_model():
+    model = _build("dit")[0].to(torch.bfloat16)
+    fp = fingerprint(model)
+    assert fp == fingerprint(model) and len(fp) == 16
+    with torch.no_grad():
+        model.proj_out_2.bias.add_(1)
+    assert fingerprint(model) != fp
+    assert fingerprint(model.float()) != fp  # float32 bytes differ from bf16 bytes
