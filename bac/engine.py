@@ -465,12 +465,13 @@ class CacheEngine(Accounting):
             st.step(k, t)
 
     @contextmanager
-    def recording(self, first_input: bool = False) -> Iterator[dict[str, list[torch.Tensor]]]:
+    def recording(self, first_input: bool = False, into=None) -> Iterator[dict[str, list[torch.Tensor]]]:
         """Keep every block's cached value at every call (for calibration); use with no schedule (compute all).
-        A value is the block's output (a unit's residual); several output tensors are put side by side
-        (``bac.tree.detach_float_cpu``). With ``first_input``, also the stream entering the first block under the
-        key ``bac.engine.FIRST_INPUT``. With several model calls per step, each call adds its own entry."""
-        self._record = {b.name: [] for b in self.blocks}
+        A value is the block's output (a unit's residual) as a float CPU tensor, several output tensors side by
+        side (``bac.tree.detach_float_cpu``). With ``first_input``, also the stream entering the first block under
+        the key ``bac.engine.FIRST_INPUT``. With several model calls per step, each call adds its own entry.
+        ``into``: where to append instead of new lists (``into[name].append(value)``; a streaming reducer)."""
+        self._record = into if into is not None else {b.name: [] for b in self.blocks}
         if first_input:
             self._record[FIRST_INPUT] = []
         try:
