@@ -12,12 +12,14 @@ diffusers = pytest.importorskip("diffusers")
 
 from bac import profiling  # noqa: E402
 from bac.blocks import BlockSpec  # noqa: E402
-from bac.calibration import Calibration  # noqa: E402
-from bac.engine import FIRST_INPUT, attach, fingerprint  # noqa: E402
-from bac.forecasters import AdamsBashforth, FoCa, LinearCorrection, Reuse, Taylor  # noqa: E402
+from bac.calibration import calibrate  # noqa: E402
+from bac.engine import attach, fingerprint  # noqa: E402
+from bac.forecasters import Taylor  # noqa: E402
+from bac.methods import CACHE_METHODS, CacheContext, build_cache, defaults  # noqa: E402
+from bac.protocol import Signature  # noqa: E402
 from bac.sampling import denoise  # noqa: E402
 from bac.schedule import compute_all, uniform  # noqa: E402
-from bac.strategies import BWCache, FBCache, HyCa, MaskForecast, TeaCache, ToCa  # noqa: E402
+from bac.strategies import FBCache, MaskForecast  # noqa: E402
 from bac.wrapping import WrapperConflict  # noqa: E402
 
 K = 6  # denoising steps
@@ -140,65 +142,76 @@ def test_blocks_found_compute_everything_exact_and_detach_exact(name):
 
 
 # ---------------------------------------------------------------------------------------------------- every method
-def calibrate(name):
-    """One uncached run recorded: blocks (in run order), features {name: (K, N, ...)}, first input (K, N, ...)."""
-    model = tiny(name)[0]
-    engine = attach(model)
-    try:
-        with engine.recording(first_input=True) as rec:
-            sample(name, engine)
-    finally:
-        engine.detach()
-    first = torch.stack(rec.pop(FIRST_INPUT)).numpy()
-    return engine.blocks, {n: torch.stack(v).numpy() for n, v in rec.items()}, first
+class Target:
+    """A tiny diffusers model as a ``bac.protocol.CacheTarget`` (what a DiT backend offers the cache methods)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def cache_model(self):
+        return tiny(self.name)[0]
+
+    def cache_signature(self):
+        return Signature("DDIMScheduler", K, fingerprint(self.cache_model()))
+
+    def cache_call(self):
+        model, x, kw, scale = tiny(self.name)
+        return lambda: model(x, timestep=torch.tensor([500.0]) * scale, return_dict=False, **kw)
+
+    def cache_sample(self, cursor, n, seed):
+        """n inputs: the model's inputs repeated n times, with fresh latents from ``seed``."""
+        model, x, kw, scale = tiny(self.name)
+        x = torch.randn((n, *x.shape[1:]), generator=torch.Generator().manual_seed(seed))
+        kw = {k: v.expand(n, *v.shape[1:]) if torch.is_tensor(v) and v.shape[:1] == (1,) else v for k, v in kw.items()}
+
+        def model_fn(x, t, k):
+            return model(x, timestep=t.reshape(1).expand(n) * scale, return_dict=False, **kw)[0][:, : x.shape[1]]
+
+        with torch.no_grad():
+            denoise(model_fn, D.DDIMScheduler(num_train_timesteps=1000), x, K, cursor=cursor)
 
 
-def methods(name, everything: bool):
-    """Every method of the engine, built from one calibration run; ``everything``: told to compute everything."""
-    blocks, feats, first = calibrate(name)
-    names = [b.name for b in blocks]
-    flat = {n: f.reshape(f.shape[0], f.shape[1], -1) for n, f in feats.items()}
-    calib = Calibration.from_features(flat, blocks)
-    iv = 1 if everything else 2
-
-    def interval(method="fora"):
-        return profiling.interval_schedule(names, K, iv, method=method)
-
-    erta = profiling.erta_schedule(names, feats, K if everything else 3)
-    bac = calib.schedule("bac", K if everything else 3, n_bubble=1)
-    pool = [Reuse(), Taylor(1)]
-    return {
-        "uniform": uniform(names, K, K if everything else 3),
-        "fora": interval(),
-        "delta_dit": profiling.delta_dit_schedule(blocks, K, 2, 0 if everything else 1),
-        "profiling": profiling.profiling_schedule(blocks, calib.errors, K, 1, iv, 1),
-        "unified_acs": calib.schedule("unified_acs", K if everything else 3),
-        "blockwise_acs": calib.schedule("blockwise_acs", K if everything else 3),
-        "bac": bac,
-        "taylorseer": MaskForecast(interval("taylorseer"), Taylor(1)),
-        "foca": MaskForecast(interval("foca"), FoCa()),
-        "abcache": MaskForecast(interval("abcache"), AdamsBashforth(2)),
-        "hyca": MaskForecast(interval("hyca"), HyCa(pool, profiling.fit_hyca(feats, interval("hyca"), pool, names, 2)[0])),
-        "ertacache": MaskForecast(erta, LinearCorrection(profiling.fit_erta(erta, feats, names))),
-        "bac_forecast": MaskForecast(bac, Taylor(1)),
-        "teacache": TeaCache(0.0 if everything else 1e9, profiling.fit_teacache(first, feats)["coeffs"]),
-        "fbcache": FBCache(0.0 if everything else 10.0),
-        "bwcache": BWCache(0.0 if everything else 10.0, max_reuse=2),
-        "toca": ToCa(iv, 0.5),
-    }
+EVERYTHING = {"none": {}, "uniform": {"n_updates": K}, "unified_acs": {"n_updates": K}, "blockwise_acs": {"n_updates": K},
+              "bac": {"n_updates": K}, "fora": {"interval": 1}, "delta_dit": {"n_cached_layers": 0},
+              "profiling": {"interval": 1, "warmup": 1}, "ertacache": {"n_updates": K, "n_obs": 2},
+              "teacache": {"delta": 0.0, "n_obs": 2}, "fbcache": {"threshold": 0.0}, "bwcache": {"threshold": 0.0},
+              "toca": {"interval": 1}, "taylorseer": {"interval": 1}, "foca": {"interval": 1}, "abcache": {"interval": 1},
+              "hyca": {"interval": 1, "n_obs": 2, "n_groups": 2}, "bac_forecast": {"n_updates": K, "n_bubble": 1}}
+SKIPPING = {"uniform": {"n_updates": 3}, "unified_acs": {"n_updates": 3}, "blockwise_acs": {"n_updates": 3},
+            "bac": {"n_updates": 3}, "fora": {"interval": 2}, "delta_dit": {"n_cached_layers": 1, "interval": 2},
+            "profiling": {"n_always": 1, "interval": 2, "warmup": 1}, "ertacache": {"n_updates": 3, "n_obs": 2},
+            "teacache": {"delta": 1e9, "n_obs": 2}, "fbcache": {"threshold": 10.0},
+            "bwcache": {"threshold": 10.0, "max_reuse": 2}, "toca": {"interval": 2, "ratio": 0.5},
+            "taylorseer": {"interval": 2}, "foca": {"interval": 2}, "abcache": {"interval": 2},
+            "hyca": {"interval": 2, "n_obs": 2, "n_groups": 2}, "bac_forecast": {"n_updates": 3, "n_bubble": 1}}
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_every_method_is_exact_computing_everything_and_skips_otherwise(name):
+    """Every registered method, built through bac.methods from the model's CacheTarget (its calibration made
+    on the spot by bac.calibration): exact when told to compute everything, reusing otherwise."""
+    assert set(EVERYTHING) == set(CACHE_METHODS) and set(SKIPPING) == set(CACHE_METHODS) - {"none"}
     reference = sample(name)
-    for method, cache in methods(name, everything=True).items():
-        out, engine = run(name, cache)
+    ctx = CacheContext(Target(name), calibration_inputs=2)
+    for method, knobs in EVERYTHING.items():
+        out, engine = run(name, build_cache(ctx, {**defaults(method), **knobs}))
         assert torch.equal(out, reference), method
         assert engine.reused.sum() == 0, method
-    for method, cache in methods(name, everything=False).items():
-        out, engine = run(name, cache)
+    for method, knobs in SKIPPING.items():
+        out, engine = run(name, build_cache(ctx, {**defaults(method), **knobs}))
         assert out.shape == reference.shape and torch.isfinite(out).all(), method
         assert engine.reused.sum() > 0, f"{method} reused nothing on {name}"
+
+
+def test_calibration_streams_when_the_features_do_not_fit():
+    """A budget below one run's features: the run is repeated per window of steps, the sums are the same."""
+    target = Target("latte")
+    whole = calibrate(target, 2)
+    streamed = calibrate(target, 2, max_bytes=30_000)  # about one step of all blocks' features
+    assert [b.name for b in streamed.blocks] == [b.name for b in whole.blocks]
+    for m in whole.sims:
+        np.testing.assert_allclose(streamed.sims[m], whole.sims[m], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(streamed.errors, whole.errors, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- order and depth
