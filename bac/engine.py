@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
-import operator
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -44,33 +42,11 @@ from torch import nn
 from bac import tree
 from bac.accounting import Accounting
 from bac.blocks import DEFAULT_PATTERNS, KIND_BY_ATTR, BlockInfo, BlockSpec, Found, find_blocks, resolve_blocks  # noqa: F401
+from bac.blockcall import WrappedBlock
 from bac.fusion import LayerFusion
 from bac.wrapping import WrapperConflict, check_free, install, uninstall  # noqa: F401
 
 FIRST_INPUT = "<first block input>"  # recording key of the stream entering the first block
-
-
-@dataclass(eq=False)
-class _Block:
-    """A wrapped block: its current index, where it lives, and how to read its stream from a call."""
-
-    index: int
-    found: Found
-    in_arg: tuple[int | None, str | None] = (0, None)  # (position, name) of the stream argument
-    params: list[tuple[int | None, str]] = field(default_factory=list)  # every parameter's (position, name)
-    streams: list[tuple[int | None, str]] | None = None  # units: the argument each output tensor continues
-    original: Callable | None = None
-
-    @property
-    def unit(self) -> bool:
-        return self.found.info.kind == "block"
-
-
-def _arg(where: tuple[int | None, str | None], args: tuple, kwargs: dict):
-    pos, name = where
-    if pos is not None and pos < len(args):
-        return args[pos]
-    return kwargs.get(name) if name is not None else None
 
 
 @dataclass(eq=False)
@@ -96,7 +72,7 @@ class CacheEngine(Accounting):
     def __init__(self, model: nn.Module, found: list[Found], fuse_layers: bool = True,
                  layers: str | None = None, stack: str | None = None):
         self.model = model
-        self._blocks = [_Block(i, f) for i, f in enumerate(found)]
+        self._blocks = [WrappedBlock(i, f) for i, f in enumerate(found)]
         self.blocks = [f.info for f in found]
         if fuse_layers:  # declared layers and stack (see bac.fusion)
             layers = layers if layers is not None else getattr(model, "cache_layers", None)
@@ -127,76 +103,17 @@ class CacheEngine(Accounting):
         for obj, name, label in self._fusion.targets():
             check_free(obj, name, label)
         self._installed = []
-        for blk, (obj, name) in zip(self._blocks, targets):
-            self._installed.append(install(obj, name, lambda orig, blk=blk: self._make_wrapper(blk, orig), self))
-            self._read_signature(blk)
-        self._installed += self._fusion.install()
-
-    # ------------------------------------------------------------------ discovery
-    def _read_signature(self, blk: _Block) -> None:
-        """Where the stream enters: ``spec.input`` or the first parameter, by position and by name."""
         try:
-            params = list(inspect.signature(blk.original).parameters.values())
-        except (TypeError, ValueError):
-            return
-        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        blk.params = [(i if p.kind in positional else None, p.name) for i, p in enumerate(params)
-                      if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
-        want = blk.found.spec.input
-        if want is not None:
-            match = [w for w in blk.params if w[1] == want]
-            if not match:
-                raise ValueError(f"block {blk.found.info.name} has no parameter {want!r} (BlockSpec.input); "
-                                 f"its parameters: {[n for _, n in blk.params]}")
-            blk.in_arg = match[0]
-        elif blk.params:
-            blk.in_arg = blk.params[0]
-
-    def _resolve_streams(self, blk: _Block, out, args, kwargs) -> None:
-        """A unit's output tensors, each matched to the call argument it continues (declared, or by shape)."""
-        outs = tree.tensors(out)
-        declared = blk.found.spec.streams
-        given = [(w, _arg(w, args, kwargs)) for w in blk.params]
-        if declared is not None:
-            by_name = {w[1]: w for w in blk.params}
-            missing = [n for n in declared if n not in by_name]
-            if missing or len(declared) != len(outs):
-                raise ValueError(f"unit {blk.found.info.name}: streams={declared} must name one parameter per output "
-                                 f"tensor ({len(outs)}); parameters: {list(by_name)}")
-            blk.streams = [by_name[n] for n in declared]
-            return
-        streams, used = [], set()
-        for j, o in enumerate(outs):
-            cands = [w for w, v in given if isinstance(v, torch.Tensor) and v.shape == o.shape and v.dtype == o.dtype
-                     and w not in used]
-            if len(cands) != 1:
-                raise ValueError(f"unit {blk.found.info.name}: cannot tell which argument its output tensor {j} "
-                                 f"{tuple(o.shape)} continues (candidates {[n for _, n in cands]}); declare it, "
-                                 f"e.g. BlockSpec({blk.found.spec.pattern!r}, kind='block', streams=(...))")
-            streams.append(cands[0])
-            used.add(cands[0])
-        blk.streams = streams
-
-    def _unit_inputs(self, blk: _Block, args, kwargs) -> list[torch.Tensor]:
-        return [_arg(w, args, kwargs) for w in blk.streams]
-
-    def _value(self, blk: _Block, out, args, kwargs):
-        """What is cached for a block call: its output, or a unit's residual (output minus input per stream)."""
-        if not blk.unit:
-            return out
-        if blk.streams is None:
-            self._resolve_streams(blk, out, args, kwargs)
-        return tree.map_tensors(operator.sub, out, self._unit_inputs(blk, args, kwargs))
-
-    def _rebuild(self, blk: _Block, value, args, kwargs):
-        """A reused value as the block's output: a unit's residual added to its current inputs."""
-        if not blk.unit:
-            return value
-        return tree.map_tensors(lambda d, x: x + d, value, self._unit_inputs(blk, args, kwargs))
+            for blk, (obj, name) in zip(self._blocks, targets):
+                self._installed.append(install(obj, name, lambda orig, blk=blk: self._make_wrapper(blk, orig), self))
+            self._installed += self._fusion.install()
+        except BaseException:  # e.g. a declared input the block does not take: take off what was set
+            self.detach()
+            raise
 
     # ------------------------------------------------------------------ wrappers
-    def _make_wrapper(self, blk: _Block, original: Callable) -> Callable:
-        blk.original = original
+    def _make_wrapper(self, blk: WrappedBlock, original: Callable) -> Callable:
+        blk.read_signature(original)
 
         def wrapper(*args, **kwargs):
             entered = False
@@ -219,12 +136,12 @@ class CacheEngine(Accounting):
             cached = s.cache[b]
             if cached is not None and s.mask is not None and not s.mask[b][k]:
                 self._reused[b][k] += 1
-                return self._rebuild(blk, cached, args, kwargs) if blk.unit else cached
+                return blk.rebuild(cached, args, kwargs) if blk.unit else cached
             out = original(*args, **kwargs)
             self._computed[b][k] += 1
             if s.mask is None and self._record is None:
                 return out
-            value = self._value(blk, out, args, kwargs) if blk.unit else out
+            value = blk.value(out, args, kwargs) if blk.unit else out
             if s.mask is not None:
                 if cached is None:
                     s.cache_bytes += tree.nbytes(value)
@@ -238,7 +155,7 @@ class CacheEngine(Accounting):
 
         return wrapper
 
-    def _counted(self, blk: _Block, args, kwargs):
+    def _counted(self, blk: WrappedBlock, args, kwargs):
         before = self._flop_mode.get_total_flops()
         out = blk.original(*args, **kwargs)
         self.block_flops[blk.index] = self._flop_mode.get_total_flops() - before
@@ -247,9 +164,9 @@ class CacheEngine(Accounting):
     def _record_call(self, b: int, value, args, kwargs) -> None:
         self._record[self.blocks[b].name].append(tree.detach_float_cpu(value))
         if b == 0 and FIRST_INPUT in self._record:
-            self._record[FIRST_INPUT].append(_arg(self._blocks[b].in_arg, args, kwargs).detach().float().cpu())
+            self._record[FIRST_INPUT].append(self._blocks[b].input(args, kwargs).detach().float().cpu())
 
-    def _strategy_call(self, blk: _Block, s: _Session, k: int, args, kwargs):
+    def _strategy_call(self, blk: WrappedBlock, s: _Session, k: int, args, kwargs):
         b, strategy = blk.index, s.strategy
         if not blk.unit:
             out, frac = strategy.block(b, k, blk.original, args, kwargs)
@@ -259,11 +176,11 @@ class CacheEngine(Accounting):
 
             def run(*a, **kw):
                 o = blk.original(*a, **kw)
-                made.append((o, self._value(blk, o, a, kw)))
+                made.append((o, blk.value(o, a, kw)))
                 return made[-1][1]
 
             value, frac = strategy.block(b, k, run, args, kwargs)
-            out = made[-1][0] if made and value is made[-1][1] else self._rebuild(blk, value, args, kwargs)
+            out = made[-1][0] if made and value is made[-1][1] else blk.rebuild(value, args, kwargs)
         self._computed[b][k] += frac
         self._reused[b][k] += 1.0 - frac
         if self._record is not None and frac > 0:
@@ -271,19 +188,19 @@ class CacheEngine(Accounting):
         return out
 
     # ------------------------------------------------------------------ the first call: order and depth
-    def _traced_call(self, blk: _Block, args, kwargs):
+    def _traced_call(self, blk: WrappedBlock, args, kwargs):
         first = not self._trace
         self._trace.append(blk.index)
         self._trace_seen.add(blk.index)
         out = self._counted(blk, args, kwargs) if self._flop_mode is not None else blk.original(*args, **kwargs)
-        value = self._value(blk, out, args, kwargs)
+        value = blk.value(out, args, kwargs)
         self._trace_value[blk.index] = value
         if self._session is not None:
             self._trace_log.append((blk, args, kwargs, value))
         if self._record is not None:
             self._record[blk.found.info.name].append(tree.detach_float_cpu(value))
             if first and FIRST_INPUT in self._record:
-                self._record[FIRST_INPUT].append(_arg(blk.in_arg, args, kwargs).detach().float().cpu())
+                self._record[FIRST_INPUT].append(blk.input(args, kwargs).detach().float().cpu())
         return out
 
     def _discard_trace(self) -> None:

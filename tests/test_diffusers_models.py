@@ -369,6 +369,16 @@ def test_unknown_attributes_take_a_declared_kind_and_units_keep_their_structure(
     assert torch.equal(a, b) and not torch.equal(a, sample("flux"))
 
 
+def test_a_declared_input_the_block_does_not_take_is_refused_without_a_trace():
+    model = tiny("ltx")[0]
+    with pytest.raises(ValueError, match=r"transformer_blocks.0.ff has no parameter 'x' \(BlockSpec.input\)"):
+        attach(model, blocks=["transformer_blocks.*.attn1", BlockSpec("transformer_blocks.*.ff", input="x")])
+    assert leftovers(model) == []
+    _, engine = run("ltx", blocks=["transformer_blocks.*.attn1",
+                                   BlockSpec("transformer_blocks.*.ff", input="hidden_states")])
+    assert len(engine.blocks) == 4
+
+
 def test_a_unit_with_two_same_shaped_inputs_must_declare_its_streams():
     class Unit(torch.nn.Module):
         def forward(self, a, b):
