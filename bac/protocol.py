@@ -64,11 +64,15 @@ class Trajectory(NamedTuple):
     first_input: np.ndarray
 
 
-def attach_to(target: CacheTarget, schedule=None, **kw):
-    """``bac.engine.attach`` on the target's denoiser with its block declaration."""
+def attach_to(target: CacheTarget, schedule=None, profile: bool = False, **kw):
+    """``bac.engine.attach`` on the target's denoiser with its block declaration; with ``profile``, one
+    ``cache_call`` counts its FLOPs (``engine.flops_ratio()``) and shows the block order."""
     from bac.engine import attach
 
-    return attach(target.cache_model(), schedule, blocks=getattr(target, "cache_blocks", None), **kw)
+    engine = attach(target.cache_model(), schedule, blocks=getattr(target, "cache_blocks", None), **kw)
+    if profile:
+        engine.profile_flops(target.cache_call())
+    return engine
 
 
 def blocks_of(target: CacheTarget) -> list[BlockInfo]:

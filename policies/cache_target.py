@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from bac.calibration import Calibration
-from bac.engine import CacheEngine, attach, fingerprint
+from bac.engine import CacheEngine, fingerprint
 from bac.methods import CACHE_METHODS, LITERATURE_METHODS, SCHEDULE_METHODS, build_cache  # noqa: F401
 from bac.methods import describe as cache_summary  # noqa: F401
-from bac.protocol import Signature
+from bac.protocol import Signature, attach_to
 from bac.schedule import Schedule
 
 
@@ -118,10 +118,8 @@ def make_schedule(policy, checkpoint: str | Path, method: str, n_updates: int = 
 def enable_cache(policy, schedule, profile: bool = True) -> CacheEngine:
     """Attach an engine running ``schedule`` (a Schedule, a Strategy or None: compute everything) to the
     policy's denoiser; with ``profile``, count its FLOPs once so that ``engine.flops_ratio()`` is available."""
-    engine = attach(policy.model, schedule)
+    engine = attach_to(DPTCacheTarget(policy, "."), schedule, profile=profile)
     policy.step_cursor = engine
-    if profile:
-        engine.profile_flops(DPTCacheTarget(policy, ".").cache_call())
     return engine
 
 

@@ -246,6 +246,26 @@ def test_latte_interleaves_spatial_and_temporal_blocks():
         "transformer_blocks.0.attn1", "transformer_blocks.0.attn2", "transformer_blocks.0.ff"]
 
 
+@pytest.mark.parametrize("method", ["fbcache", "bwcache", "teacache", "toca"])
+def test_strategies_do_not_depend_on_when_the_order_became_known(method):
+    """Latte's blocks are re-indexed on the first call: a strategy that first runs in that call (its first step
+    replayed after the order is known) acts exactly as on an engine that was traced before."""
+    target = Target("latte")
+    cfg = {**defaults(method), **SKIPPING[method], **({"threshold": 0.5} if method in ("fbcache", "bwcache") else {}),
+           **({"delta": 0.5} if method == "teacache" else {})}
+    outs = []
+    for traced in (False, True):
+        strategy = build_cache(CacheContext(target, 2), cfg)  # (a fit records on an engine of its own)
+        engine = attach(target.cache_model())
+        if traced:  # the order known before the strategy is bound
+            engine.trace(target.cache_call())
+        engine.set_schedule(strategy)
+        outs.append((sample("latte", engine), engine.computed.copy()))
+        engine.detach()
+    assert torch.equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])
+    assert 0 < outs[0][1].sum() < outs[0][1].size  # it did skip, and not everything
+
+
 # ---------------------------------------------------------------------------------------------------- CFG
 @pytest.mark.parametrize("name,cache", [("pixart", "uniform"), ("flux", "uniform"), ("sd3", "fbcache"), ("latte", "taylorseer")])
 def test_cfg_as_two_calls_keeps_one_cache_per_call(name, cache):
