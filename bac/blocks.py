@@ -109,11 +109,17 @@ def _expand(pattern: str) -> list[str]:
     return [x for alt in m.group(1).split(",") for x in _expand(pattern[: m.start()] + alt.strip() + pattern[m.end() :])]
 
 
-def _glob(pattern: str) -> re.Pattern:
-    """``*`` matches one dotted name component, ``**`` any number of them, ``?`` one character."""
+def glob(pattern: str) -> re.Pattern:
+    """A module-name glob: ``*`` matches one dotted name component, ``**`` any number of them, ``?`` one
+    character, ``[...]`` one of a set (``[!...]`` none of it)."""
     out, i = [], 0
     while i < len(pattern):
-        if pattern.startswith("**", i):
+        close = pattern.find("]", i + 2) if pattern[i] == "[" else -1
+        if close > 0:
+            body = pattern[i + 1 : close]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = close + 1
+        elif pattern.startswith("**", i):
             out.append(".*")
             i += 2
         elif pattern[i] == "*":
@@ -157,7 +163,7 @@ def resolve_blocks(model: nn.Module, blocks: Spec | Sequence[Spec] | None = None
     for spec in specs:
         for rank, full in enumerate(_expand(spec.pattern)):
             if spec.kind == "block":  # a unit: the glob names the module itself
-                rx = _glob(full)
+                rx = glob(full)
                 for name, mod in modules:
                     if rx.fullmatch(name):
                         parent_name, _, attr = name.rpartition(".")
@@ -166,7 +172,7 @@ def resolve_blocks(model: nn.Module, blocks: Spec | Sequence[Spec] | None = None
                         found.setdefault((id(parent), attr), (key, parent, attr, name, "block", spec, mod))
                 continue
             prefix, _, attr = full.rpartition(".")
-            rx = _glob(prefix)
+            rx = glob(prefix)
             for name, mod in modules:
                 target = getattr(mod, attr, None) if rx.fullmatch(name) else None
                 if target is None or not callable(target):

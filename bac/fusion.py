@@ -13,12 +13,12 @@ refused, because the fused add would drop the gate.
 """
 from __future__ import annotations
 
-import fnmatch
 from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
+from bac.blocks import glob
 from bac.wrapping import Installed, install
 
 if TYPE_CHECKING:
@@ -33,8 +33,9 @@ class LayerFusion:
         self.layers: list[tuple[nn.Module, list[int]]] = []  # (layer module, its blocks' indices)
         self.layer_of: list[int | None] = [None] * len(engine._blocks)
         if layers:
+            rx = glob(layers)
             for name, mod in engine.model.named_modules():
-                if name and fnmatch.fnmatchcase(name, layers):
+                if name and rx.fullmatch(name):
                     idxs = [b for b, blk in enumerate(engine._blocks) if blk.found.parent is mod and not blk.unit]
                     if idxs:
                         for b in idxs:

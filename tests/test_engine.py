@@ -289,3 +289,16 @@ def test_stack_calls_a_hooked_layer_as_a_module():
     rows = [i for i, b in enumerate(blocks) if b.startswith("decoder.layers.1.")]
     assert len(calls) == int(schedule.to_mask()[rows].any(0).sum()) > 0
     assert all(torch.equal(kept, copy) for kept, copy in held)  # reused layers add in place only on their own sums
+
+
+def test_patterns_match_name_components():
+    """``*`` is one dotted component, ``**`` any number, ``[...]`` a set; declared kinds for unknown names."""
+    model = make_policy().model
+    assert [b.name for _, _, b in find_blocks(model, "decoder.layers.[0-1].ff_block")] == [
+        "decoder.layers.0.ff_block", "decoder.layers.1.ff_block"]
+    assert len(find_blocks(model, "decoder.**.ff_block")) == 3
+    with pytest.raises(ValueError, match="no blocks match"):
+        find_blocks(model, "decoder.*.ff_block")
+    with pytest.raises(ValueError, match="cannot tell the kind of block decoder.layers.0.linear1"):
+        find_blocks(model, "decoder.layers.*.linear1")
+    assert {b.kind for _, _, b in find_blocks(model, {"decoder.layers.*.linear1": "ffn"})} == {"ffn"}
