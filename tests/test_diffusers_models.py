@@ -267,7 +267,7 @@ def test_strategies_do_not_depend_on_when_the_order_became_known(method):
 
 
 # ---------------------------------------------------------------------------------------------------- CFG
-@pytest.mark.parametrize("name,cache", [("pixart", "uniform"), ("flux", "uniform"), ("sd3", "fbcache"), ("latte", "taylorseer")])
+@pytest.mark.parametrize("name,cache", [(m, "uniform") for m in MODELS] + [("sd3", "fbcache"), ("latte", "taylorseer")])
 def test_cfg_as_two_calls_keeps_one_cache_per_call(name, cache):
     """Conditional then unconditional call at every step: each call gets the values its own branch computed, so
     each branch's outputs are bitwise those of that branch run alone under the same cache."""
@@ -277,7 +277,8 @@ def test_cfg_as_two_calls_keeps_one_cache_per_call(name, cache):
     probe.detach()
     make = {"uniform": lambda: uniform(names, K, 2), "fbcache": lambda: FBCache(10.0),
             "taylorseer": lambda: MaskForecast(profiling.interval_schedule(names, K, 2), Taylor(1))}[cache]
-    text = kw["encoder_hidden_states"]
+    key = "class_labels" if name == "dit" else "encoder_hidden_states"  # the condition; "unconditional": another
+    text, null = kw[key], (kw[key] + 1 if name == "dit" else torch.zeros_like(kw[key]))
     xs = [x + 0.1 * k for k in range(K)]  # fixed inputs: the calls' outputs do not feed each other
 
     def calls(engine, conds):
@@ -286,18 +287,18 @@ def test_cfg_as_two_calls_keeps_one_cache_per_call(name, cache):
             for k in range(K):
                 engine.step(k)
                 for c in conds:
-                    extra = dict(kw, encoder_hidden_states=c)
+                    extra = dict(kw, **{key: c})
                     outs.append(model(xs[k], timestep=torch.tensor([900 - 100 * k]) * scale, return_dict=False,
                                       **extra)[0])
         return outs
 
     runs = {}
-    for conds in ([text], [torch.zeros_like(text)], [text, torch.zeros_like(text)]):
+    for conds in ([text], [null], [text, null]):
         engine = attach(model, make())
         runs[len(runs)] = (calls(engine, conds), engine.reused.sum())
         engine.detach()
     alone_c, alone_u, (both, reused) = runs[0][0], runs[1][0], runs[2]
-    assert reused > 0
+    assert reused > 0 and not torch.equal(alone_c[-1], alone_u[-1])  # it reused, and the branches differ
     assert all(torch.equal(a, b) for a, b in zip(alone_c, both[0::2]))
     assert all(torch.equal(a, b) for a, b in zip(alone_u, both[1::2]))
 
@@ -328,6 +329,62 @@ def test_beside_diffusers_first_block_cache_hooks():
     assert torch.equal(sample("flux"), reference)
 
 
+FF = r"(transformer_blocks|temporal_transformer_blocks|blocks)\.\d+\.(ff|ffn)"  # diffusers' TaylorSeer on the FFNs
+NOT_FF = ["transformer_blocks.*.{attn1,attn2,attn,ff_context}", "temporal_transformer_blocks.*.{attn1,attn2}",
+          "blocks.*.{attn1,attn2}", BlockSpec("single_transformer_blocks.*", "block")]
+
+
+def in_hook_chains(model) -> bool:
+    """Whether an engine's wrapper is still a link of some diffusers hook chain."""
+    return any(getattr(ref.forward, "__bac_engine__", None) or getattr(ref.original_forward, "__bac_engine__", None)
+               for m in model.modules() if hasattr(m, "_diffusers_hook") for ref in m._diffusers_hook._fn_refs)
+
+
+def forwards(model):
+    return {n: vars(m)["forward"] for n, m in model.named_modules() if "forward" in vars(m)}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_beside_diffusers_taylorseer_hooks(name):
+    """diffusers' TaylorSeer hooks on the FFNs: attaching to them is refused with nothing set, attaching beside
+    them works and leaves them in place, after their removal the engine attaches exactly, and hooks set on top
+    of the engine survive its detach."""
+    from diffusers.hooks import HookRegistry, TaylorSeerCacheConfig, apply_taylorseer_cache
+    from diffusers.models.cache_utils import CacheMixin
+
+    def hook():
+        apply_taylorseer_cache(model, TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1,
+                                                            taylor_factors_dtype=torch.float32, cache_identifiers=[FF]))
+
+    def unhook():
+        HookRegistry.check_if_exists_or_initialize(model).remove_hook("taylorseer_cache", recurse=True)
+
+    model = tiny(name)[0]
+    reference = sample(name)
+    hook()
+    hooked = forwards(model)
+    with pytest.raises(WrapperConflict, match=r"\.ffn? carries diffusers hooks \['taylorseer_cache'\]"):
+        attach(model)
+    assert forwards(model) == hooked
+    engine = attach(model, blocks=NOT_FF)
+    with CacheMixin.cache_context(model, "cond"):
+        assert torch.isfinite(sample(name, engine)).all()
+    engine.detach()
+    assert forwards(model) == hooked
+    unhook()
+    leftover = forwards(model)  # diffusers leaves each FFN's own forward set on the instance
+    out, engine = run(name)
+    assert torch.equal(out, reference) and forwards(model) == leftover
+    engine = attach(model)
+    hook()  # on top of the engine's wrappers
+    engine.detach()
+    assert not in_hook_chains(model)
+    with CacheMixin.cache_context(model, "cond"):
+        assert torch.isfinite(sample(name)).all()  # their hooks still run, without the engine inside
+    unhook()
+    assert leftovers(model) == [] and torch.equal(sample(name), reference)
+
+
 def test_detach_keeps_hooks_set_after_the_engine():
     from diffusers.hooks import FirstBlockCacheConfig
 
@@ -336,9 +393,7 @@ def test_detach_keeps_hooks_set_after_the_engine():
     engine = attach(model)  # wraps the single-stream blocks as units
     model.enable_cache(FirstBlockCacheConfig(threshold=0.05))  # diffusers wraps the engine's wrappers
     engine.detach()  # takes its link out of diffusers' chain; diffusers' hooks stay and still run
-    assert leftovers(model) != [] and not any(
-        getattr(getattr(ref, "forward", None), "__bac_engine__", None) or getattr(ref.original_forward, "__bac_engine__", None)
-        for m in model.modules() if hasattr(m, "_diffusers_hook") for ref in m._diffusers_hook._fn_refs)
+    assert leftovers(model) != [] and not in_hook_chains(model)
     with model.cache_context("cond"):
         assert sample("flux").shape == reference.shape
     model.disable_cache()
