@@ -5,7 +5,8 @@ Paper: Ji et al., "Block-wise Adaptive Caching for Accelerating Diffusion Policy
 Per-block ACS schedules make an FFN recompute on an input that upstream reuse has already corrupted, and the FFN
 passes that error on almost linearly (the paper's Prop. 3.1). BUA picks the n blocks whose features drift most
 over the denoising steps, U = top_n(l_j) with l_j the mean pairwise L1 distance of block j's features, and lets
-each of them also recompute whenever an FFN at the same or a deeper layer does:
+each of them also recompute whenever an FFN at the same or a deeper layer does (the layer being the depth at
+which the block runs, measured by the engine; a whole-block unit counts as its layer's FFN):
 
     C(u) <- C_acs(u) ∪ ⋃_{v ffn, layer(v) >= layer(u)} C_acs(v)      for u in U,
 
@@ -72,6 +73,6 @@ def bubbling_union(
     for u in top_error_blocks(blocks, errors, n_bubble):
         layer = next(b.layer for b in blocks if b.name == u)
         for v in blocks:
-            if v.kind == "ffn" and v.layer >= layer:
+            if v.kind in ("ffn", "block") and v.layer >= layer:  # a whole-block unit holds its layer's FFN
                 union[u] |= set(steps[v.name])  # steps, not union: the ACS schedule of v
     return {name: sorted(s | {num_steps - 1}) for name, s in union.items()}

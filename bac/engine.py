@@ -1,70 +1,83 @@
-"""The cache engine: wraps named residual branches of any model from outside and replays a schedule.
+"""The cache engine: wraps declared blocks of any model from outside and replays a schedule or a strategy.
 
-    engine = bac.attach(model)                       # blocks from model.cache_blocks, or a pattern
-    engine.set_schedule(schedule)                    # a bac.schedule.Schedule (mask [n_blocks, K])
-    with engine.session(K):                          # the sampler opens one session per action chunk
+    engine = bac.attach(model)                       # blocks from model.cache_blocks, a declaration, or defaults
+    engine.set_schedule(schedule)                    # a bac.schedule.Schedule (mask [n_blocks, K]) or a Strategy
+    with engine.session(K):                          # the sampler opens one session per sample
         for k, t in enumerate(timesteps):
-            engine.step(k, t)                        # ... and announces every step before the model call
-            eps = model(x_t, t, cond)                # wrapped branches compute or reuse per mask[b, k]
+            engine.step(k, t)                        # ... and announces every step before the model call(s)
+            eps = model(x_t, t, cond)                # wrapped blocks compute or reuse per mask[b, k]
     engine.detach()                                  # the model is exactly as before
 
-A *block* is a callable attribute of a submodule whose output is the delta that the caller adds to the
-residual stream (a bound method such as ``decoder.layers.3.ff_block`` or a child module such as
-``transformer_blocks.3.ff``). At a compute step the block runs and its output is kept; at a reuse step
-the kept output is returned without running the block, so the caller computes ``x + delta_cached`` on
-the *current* stream (BAC's residual reuse). The cache lives for one session and is dropped when the
-session ends, also on an exception: nothing leaks across observations, episodes or batches.
+A *block* (``bac.blocks``) is a residual branch, whose output is the delta its caller adds to the stream (a bound
+method such as ``decoder.layers.3.ff_block`` or a child module such as ``transformer_blocks.3.ff``), or a
+whole-block unit, whose cached value is its residual (output minus input, per stream). At a compute step the
+block runs and its value is kept; at a reuse step the kept value is returned without running the block, so the
+caller computes ``x + delta_cached`` on the *current* stream (BAC's residual reuse). Outputs may be tuples (joint
+attention's image and context streams): every tensor is cached and the same structure comes back. Inputs are
+found through the call signature, so blocks called with keywords work.
 
-Hot path: the mask is a host-side list of booleans built before sampling, so a wrapper decides with a
-Python index and never synchronizes with the device.
+The model's first call with the engine attached is traced: every block computes, and the order in which blocks
+run and their depth (the rank of the module holding them) are recorded; the engine re-indexes its blocks to that
+order, so ``engine.blocks`` lists them as they run, also across several stacks (Flux's double- then single-stream
+blocks, Latte's interleaved spatial and temporal blocks). Within a step, each model call has its own cache (CFG
+run as a conditional and an unconditional call): the k-th call of a step reuses what the k-th call computed.
+
+The cache lives for one session and is dropped when the session ends, also on an exception: nothing leaks across
+observations, episodes or batches. Hot path: the mask is a host-side list of booleans built before sampling, so
+a wrapper decides with a Python index and never synchronizes with the device.
 """
 from __future__ import annotations
 
-import fnmatch
+import copy
+import hashlib
+import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from bac.blocks import DEFAULT_PATTERNS, KIND_BY_ATTR, BlockInfo, find_blocks  # noqa: F401 (discovery)
+from bac import tree
+from bac.accounting import Accounting
+from bac.blocks import DEFAULT_PATTERNS, KIND_BY_ATTR, BlockInfo, BlockSpec, Found, find_blocks, resolve_blocks  # noqa: F401
+from bac.blockcall import WrappedBlock
+from bac.fusion import LayerFusion
+from bac.wrapping import WrapperConflict, check_free, install, uninstall  # noqa: F401
 
 FIRST_INPUT = "<first block input>"  # recording key of the stream entering the first block
 
 
-@dataclass
+@dataclass(eq=False)
 class _Session:
     num_steps: int
-    mask: list[list[bool]] | None  # [n_blocks][K]; None: compute everything
+    mask: list[list[bool]] | None  # [n_blocks][K]; None: compute everything (or a strategy decides)
+    caches: list[list]  # per model call of a step: per block its cached value (delta, or a unit's residual)
+    fuseds: list[list]  # per model call: per fused layer the sum of its cached deltas
+    strategies: list  # per model call: the strategy (call 0's is the engine's; later ones are fresh copies)
     k: int = -1
-    cache: list[torch.Tensor | None] = field(default_factory=list)
-    fused: list[torch.Tensor | None] = field(default_factory=list)  # per fused layer: sum of its cached deltas
+    t: object = None
+    call: int = -1  # index of the current model call within step k
     cache_bytes: int = 0
 
+    def __post_init__(self):
+        self.cache, self.fused = self.caches[0], self.fuseds[0]
+        self.strategy = self.strategies[0] if self.strategies else None
 
-class CacheEngine:
+
+class CacheEngine(Accounting):
     """Owns the wrapped blocks, the step cursor and the schedule; see the module docstring."""
 
-    def __init__(self, model: nn.Module, found: list[tuple[nn.Module, str, BlockInfo]], fuse_layers: bool = True):
+    def __init__(self, model: nn.Module, found: list[Found], fuse_layers: bool = True,
+                 layers: str | None = None, stack: str | None = None):
         self.model = model
-        self._targets = [(parent, attr) for parent, attr, _ in found]
-        self.blocks = [info for _, _, info in found]
-        # Layers declared by the model as "output = input + sum of my blocks' outputs" (``cache_layers``):
-        # when all their blocks reuse at a step, one add of the summed deltas replaces the whole layer.
-        self._layers: list[tuple[nn.Module, list[int]]] = []
-        self._layer_of: list[int | None] = [None] * len(self.blocks)
-        if fuse_layers:
-            self._find_layers(getattr(model, "cache_layers", None))
-        self._reuse_by_step: list[tuple[bool, ...]] | None = None  # [K][n_layers]: every block of the layer reuses
-        # A stack declared by the model (``cache_stack``: a module whose forward applies the ``cache_layers``
-        # in order, ``x = layer(x, *args, **kwargs)``) is run by the engine itself, so a reused layer costs
-        # one add instead of a module call, a wrapper and the add, and a computing layer runs its own forward
-        # without the module call (with it when the layer has hooks, so they still fire).
-        self._stack: nn.Module | None = None
-        if self._layers:
-            self._find_stack(getattr(model, "cache_stack", None))
+        self._blocks = [WrappedBlock(i, f) for i, f in enumerate(found)]
+        self.blocks = [f.info for f in found]
+        if fuse_layers:  # declared layers and stack (see bac.fusion)
+            layers = layers if layers is not None else getattr(model, "cache_layers", None)
+            stack = stack if stack is not None else getattr(model, "cache_stack", None)
+        self._fusion = LayerFusion(self, layers if fuse_layers else None, stack if fuse_layers else None)
         self.schedule = None
         self._strategy = None  # a bac.strategies.Strategy, or None for the schedule (mask) path
         self._mask_list: list[list[bool]] | None = None
@@ -72,158 +85,235 @@ class CacheEngine:
         self._record: dict[str, list[torch.Tensor]] | None = None
         self._flop_mode = None
         self.block_flops = np.zeros(len(self.blocks))
-        self._installed: list[tuple[object, str]] = []  # (object patched, attribute set on its instance)
+        self._detached = False
+        # The first model call is traced (see the module docstring): order, depth, the blocks' values.
+        self._tracing = True
+        self._trace: list[int] = []
+        self._trace_seen: set[int] = set()
+        self._trace_log: list[tuple] = []  # in a session: (block, args, kwargs, value) to replay into its state
+        self._trace_value: dict[int, object] = {}
+        self._entry_block, self._entry_layer = -1, -1  # which wrapper starts a model call (set after the trace)
         self.reset_stats()
-        for b, (parent, attr) in enumerate(self._targets):
-            self._install(b, parent, attr)
-        self._layer_forwards: list[Callable] = []  # each layer's own forward, for the stack to call directly
-        for li, (layer, _) in enumerate(self._layers):
-            if "forward" in layer.__dict__:
-                raise RuntimeError(f"layer {type(layer).__name__} is already wrapped (is another engine attached?)")
-            self._layer_forwards.append(layer.forward)
-            layer.__dict__["forward"] = self._make_layer_wrapper(li, layer.forward)
-            self._installed.append((layer, "forward"))
-        if self._stack is not None:
-            if "forward" in self._stack.__dict__:
-                raise RuntimeError(f"stack {type(self._stack).__name__} is already wrapped (is another engine attached?)")
-            self._stack.__dict__["forward"] = self._make_stack_wrapper(self._stack.forward)
-            self._installed.append((self._stack, "forward"))
-
-    def _find_layers(self, pattern: str | None) -> None:
-        if not pattern:
-            return
-        for name, mod in self.model.named_modules():
-            if name and fnmatch.fnmatchcase(name, pattern):
-                idxs = [b for b, (parent, _) in enumerate(self._targets) if parent is mod]
-                if idxs:
-                    for b in idxs:
-                        self._layer_of[b] = len(self._layers)
-                    self._layers.append((mod, idxs))
-
-    def _find_stack(self, name: str | None) -> None:
-        if not name:
-            return
+        targets = []
+        for f in found:
+            target = getattr(f.parent, f.attr)
+            targets.append((target, "forward") if isinstance(target, nn.Module) else (f.parent, f.attr))
+        for (obj, name), f in zip(targets, found):  # all checked before anything is set: a refusal leaves no trace
+            check_free(obj, name, f.info.name)
+        for obj, name, label in self._fusion.targets():
+            check_free(obj, name, label)
+        self._installed = []
         try:
-            stack = self.model.get_submodule(name)
-        except AttributeError as e:
-            raise ValueError(f"cache_stack {name!r} names no submodule of {type(self.model).__name__}") from e
-        inside = {id(m) for m in stack.modules()}
-        outside = [type(layer).__name__ for layer, _ in self._layers if id(layer) not in inside]
-        if outside:
-            raise ValueError(f"cache_stack {name!r} does not contain every cache layer (not inside: {outside})")
-        self._stack = stack
+            for blk, (obj, name) in zip(self._blocks, targets):
+                self._installed.append(install(obj, name, lambda orig, blk=blk: self._make_wrapper(blk, orig), self))
+            self._installed += self._fusion.install()
+        except BaseException:  # e.g. a declared input the block does not take: take off what was set
+            self.detach()
+            raise
 
-    def _fused_delta(self, s: "_Session", li: int) -> torch.Tensor:
-        fused = s.fused[li]
-        if fused is None:  # left-to-right adds: stack(...).sum(0)'s bits on the CPU, without the copy
-            idxs = self._layers[li][1]
-            fused = s.cache[idxs[0]]
-            for b in idxs[1:]:
-                fused = fused + s.cache[b]
-            s.fused[li] = fused
-        return fused
+    # ------------------------------------------------------------------ wrappers
+    def _make_wrapper(self, blk: WrappedBlock, original: Callable) -> Callable:
+        blk.read_signature(original)
 
-    def _make_stack_wrapper(self, original: Callable) -> Callable:
-        plan = [(li, layer, idxs[0], fwd) for li, ((layer, idxs), fwd) in enumerate(zip(self._layers, self._layer_forwards))]
-
-        def stack_wrapper(x, *args, **kwargs):
-            s = self._session
-            if s is None or s.mask is None:
-                return original(x, *args, **kwargs)
-            k = s.k
-            reuse, cache, fused, counts = self._reuse_by_step[k], s.cache, s.fused, self._layer_reused
-            owned = False  # x was made by an add below (not the caller's, not a layer's): later adds go in place
-            for li, layer, first, forward in plan:
-                if reuse[li] and cache[first] is not None:
-                    f = fused[li]
-                    if f is None:
-                        f = self._fused_delta(s, li)
-                    if owned:
-                        x.add_(f)  # the layer wrapper's add alone, without a new tensor: the same bits
-                    else:
-                        x, owned = x + f, True
-                    counts[li][k] += 1
-                else:
-                    owned = False
-                    if layer._forward_hooks or layer._forward_pre_hooks:
-                        x = layer(x, *args, **kwargs)
-                    else:  # the layer's own forward: its blocks' wrappers decide, no module call or layer wrapper
-                        x = forward(x, *args, **kwargs)
-            return x
-
-        return stack_wrapper
-
-    def _make_layer_wrapper(self, li: int, original: Callable) -> Callable:
-        idxs = self._layers[li][1]
-
-        def layer_wrapper(x, *args, **kwargs):
-            s = self._session
-            if s is None or s.mask is None or not self._reuse_by_step[s.k][li] or s.cache[idxs[0]] is None:
-                return original(x, *args, **kwargs)
-            self._layer_reused[li][s.k] += 1
-            return x + self._fused_delta(s, li)
-
-        return layer_wrapper
-
-    # ------------------------------------------------------------------ wrapping
-    def _install(self, b: int, parent: nn.Module, attr: str) -> None:
-        target = getattr(parent, attr)
-        if isinstance(target, nn.Module):  # wrap the child's forward on the instance
-            obj, name, original = target, "forward", target.forward
-        else:  # a bound method: shadow it with an instance attribute
-            obj, name, original = parent, attr, target
-        if name in obj.__dict__:
-            raise RuntimeError(f"block {self.blocks[b].name} is already wrapped (is another engine attached?)")
-        obj.__dict__[name] = self._make_wrapper(b, original)
-        self._installed.append((obj, name))
-
-    def _make_wrapper(self, b: int, original: Callable) -> Callable:
         def wrapper(*args, **kwargs):
+            entered = False
+            if self._tracing:
+                if blk.index not in self._trace_seen:
+                    return self._traced_call(blk, args, kwargs)
+                self._finish_trace(again=True)  # a block runs twice: the first model call is over
+                entered = True
+            b = blk.index
             s = self._session
             if s is None:
                 if self._flop_mode is not None:
-                    before = self._flop_mode.get_total_flops()
-                    out = original(*args, **kwargs)
-                    self.block_flops[b] = self._flop_mode.get_total_flops() - before
-                    return out
+                    return self._counted(blk, args, kwargs)
                 return original(*args, **kwargs)
+            if b == self._entry_block and not entered:
+                self._new_call(s)
             k = s.k
-            if self._strategy is not None:
-                out, frac = self._strategy.block(b, k, original, args, kwargs)
-                self._computed[b][k] += frac
-                self._reused[b][k] += 1.0 - frac
-                if self._record is not None and frac > 0:
-                    self._record[self.blocks[b].name].append(out.detach().float().cpu())
-                return out
+            if s.strategy is not None:
+                return self._strategy_call(blk, s, k, args, kwargs)
             cached = s.cache[b]
             if cached is not None and s.mask is not None and not s.mask[b][k]:
                 self._reused[b][k] += 1
-                return cached
+                return blk.rebuild(cached, args, kwargs) if blk.unit else cached
             out = original(*args, **kwargs)
             self._computed[b][k] += 1
+            if s.mask is None and self._record is None:
+                return out
+            value = blk.value(out, args, kwargs) if blk.unit else out
             if s.mask is not None:
                 if cached is None:
-                    s.cache_bytes += out.numel() * out.element_size()
-                s.cache[b] = out
-                li = self._layer_of[b]
+                    s.cache_bytes += tree.nbytes(value)
+                s.cache[b] = value
+                li = self._fusion.layer_of[b]
                 if li is not None:
                     s.fused[li] = None
             if self._record is not None:
-                self._record[self.blocks[b].name].append(out.detach().float().cpu())
-                if b == 0 and FIRST_INPUT in self._record:
-                    self._record[FIRST_INPUT].append(args[0].detach().float().cpu())
+                self._record_call(b, value, args, kwargs)
             return out
 
         return wrapper
 
+    def _counted(self, blk: WrappedBlock, args, kwargs):
+        before = self._flop_mode.get_total_flops()
+        out = blk.original(*args, **kwargs)
+        self.block_flops[blk.index] = self._flop_mode.get_total_flops() - before
+        return out
+
+    def _record_call(self, b: int, value, args, kwargs) -> None:
+        self._record[self.blocks[b].name].append(tree.detach_float_cpu(value))
+        if b == 0 and FIRST_INPUT in self._record:
+            self._record[FIRST_INPUT].append(self._blocks[b].input(args, kwargs).detach().float().cpu())
+
+    def _strategy_call(self, blk: WrappedBlock, s: _Session, k: int, args, kwargs):
+        b, strategy = blk.index, s.strategy
+        if not blk.unit:
+            out, frac = strategy.block(b, k, blk.original, args, kwargs)
+            value = out
+        else:  # the strategy sees the unit's residual; the model gets the unit's output
+            made = []
+
+            def run(*a, **kw):
+                o = blk.original(*a, **kw)
+                made.append((o, blk.value(o, a, kw)))
+                return made[-1][1]
+
+            value, frac = strategy.block(b, k, run, args, kwargs)
+            out = made[-1][0] if made and value is made[-1][1] else blk.rebuild(value, args, kwargs)
+        self._computed[b][k] += frac
+        self._reused[b][k] += 1.0 - frac
+        if self._record is not None and frac > 0:
+            self._record_call(b, value, args, kwargs)
+        return out
+
+    # ------------------------------------------------------------------ the first call: order and depth
+    def _traced_call(self, blk: WrappedBlock, args, kwargs):
+        first = not self._trace
+        self._trace.append(blk.index)
+        self._trace_seen.add(blk.index)
+        out = self._counted(blk, args, kwargs) if self._flop_mode is not None else blk.original(*args, **kwargs)
+        value = blk.value(out, args, kwargs)
+        self._trace_value[blk.index] = value
+        if self._session is not None:
+            self._trace_log.append((blk, args, kwargs, value))
+        if self._record is not None:
+            self._record[blk.found.info.name].append(tree.detach_float_cpu(value))
+            if first and FIRST_INPUT in self._record:
+                self._record[FIRST_INPUT].append(blk.input(args, kwargs).detach().float().cpu())
+        return out
+
+    def _discard_trace(self) -> None:
+        self._trace, self._trace_log, self._trace_value = [], [], {}
+        self._trace_seen = set()
+
+    def _finish_trace(self, again: bool = False) -> None:
+        """Fix the order and depth the first call showed, then give the session what that call computed."""
+        order, log = self._trace, self._trace_log
+        self._tracing = False
+        self._discard_trace()
+        self._fusion.finish_trace()
+        if self._reindex(order) and self._strategy is not None:
+            st = self._strategy
+            spent = st._decide_s, st._steps
+            st.bind(self.blocks, self._inputs())
+            st._decide_s, st._steps = spent
+        if self.schedule is not None:
+            self._apply_mask(self.schedule)  # re-indexed rows, and only verified layers fuse
+        fusion = self._fusion
+        self._entry_block = -1 if fusion.stack is not None or fusion.layer_of[0] is not None else 0
+        self._entry_layer = fusion.entry_layer()
+        s = self._session
+        if s is None:
+            return
+        s.mask = self._mask_list
+        s.call, s.cache, s.fused, s.strategy = 0, s.caches[0], s.fuseds[0], (s.strategies[0] if s.strategies else None)
+        k = s.k
+        for blk, args, kwargs, value in log:  # the first call computed every block: replay it into the state
+            b = blk.index
+            if s.strategy is not None:
+                got, frac = s.strategy.block(b, k, lambda *a, _v=value, **kw: _v, args, kwargs)
+                if got is not value or frac != 1.0:
+                    raise RuntimeError(f"strategy {s.strategy.name} did not compute block {self.blocks[b].name} at the "
+                                       "first model call of a session; a strategy must compute what it has not seen")
+            elif s.mask is not None:
+                s.cache_bytes += tree.nbytes(value)
+                s.cache[b] = value
+            self._computed[b][k] += 1
+        if again:
+            self._new_call(s)
+
+    def _reindex(self, order: list[int]) -> bool:
+        """Put the blocks in ``order`` (blocks that did not run go last) with depths from it; True if anything moved."""
+        called = set(order)
+        order = list(order) + [b for b in range(len(self._blocks)) if b not in called]
+        depth: dict[int, int] = {}
+        infos = []
+        for b in order:
+            f = self._blocks[b].found
+            infos.append(BlockInfo(f.info.name, depth.setdefault(id(f.layer), len(depth)), f.info.kind))
+        if infos == self.blocks:
+            return False
+        self._blocks = [self._blocks[b] for b in order]
+        for i, blk in enumerate(self._blocks):
+            blk.index = i
+        self.blocks = infos
+        self._computed = [self._computed[b] for b in order]
+        self._reused = [self._reused[b] for b in order]
+        self.block_flops = self.block_flops[order]
+        self._fusion.reindex({old: new for new, old in enumerate(order)})
+        return True
+
+    def trace(self, forward: Callable[[], object]) -> list[BlockInfo]:
+        """Run ``forward()`` (one model call, no session, no grad) if the block order is not known yet, and return
+        the blocks in the order they run, with their depth: what order-aware schedules (Δ-DiT, the Bubbling Union)
+        must be built from."""
+        if self._tracing:
+            if self._session is not None:
+                raise RuntimeError("trace() inside a cache session")
+            with torch.no_grad():
+                forward()
+            if self._trace:
+                self._finish_trace()
+        return list(self.blocks)
+
+    # ------------------------------------------------------------------ calls within a step
+    def _new_call(self, s: _Session) -> None:
+        """A model call starts: the c-th call of a step uses the c-th cache (and strategy state)."""
+        c = s.call + 1
+        s.call = c
+        if c == len(s.caches):
+            s.caches.append([None] * len(self._blocks))
+            s.fuseds.append([None] * len(self._fusion.layers))
+            if self._strategy is not None:
+                clone = copy.deepcopy(self._strategy)
+                clone.begin(s.num_steps)
+                s.strategies.append(clone)
+        s.cache, s.fused = s.caches[c], s.fuseds[c]
+        if s.strategies:
+            s.strategy = s.strategies[c]
+
+    # ------------------------------------------------------------------ detach
     def detach(self) -> None:
-        """Remove every wrapper; the model's modules and methods are exactly as before ``attach``."""
-        for obj, name in self._installed:
-            obj.__dict__.pop(name, None)
+        """Remove every wrapper this engine set; the model's modules and methods are exactly as before ``attach``
+        (a wrapper another tool set on top of one of ours stays; see ``bac.wrapping``)."""
+        for entry in reversed(self._installed):
+            uninstall(entry)
         self._installed.clear()
         self._session = None
+        self._tracing = False
+        self._detached = True
 
     # ------------------------------------------------------------------ schedule and cursor
+    def _inputs(self) -> list[tuple[int | None, str | None]]:
+        return [blk.in_arg for blk in self._blocks]
+
+    def _apply_mask(self, schedule) -> None:
+        mask = schedule.to_mask()  # (n_blocks, K) in schedule.blocks order
+        index = {name: i for i, name in enumerate(schedule.blocks)}
+        self._mask_list = [mask[index[b.name]].tolist() for b in self.blocks]
+        self._fusion.apply_mask(self._mask_list)
+
     def set_schedule(self, schedule) -> None:
         """Use ``schedule`` (a ``bac.schedule.Schedule``), a ``bac.strategies.Strategy``, or ``None`` (compute
         every block every step). A strategy replaces the mask: it decides per block call (see its module)."""
@@ -233,26 +323,25 @@ class CacheEngine:
             raise RuntimeError("cannot change the schedule inside a cache session")
         self._strategy = None
         if isinstance(schedule, Strategy):
-            schedule.bind(self.blocks)
+            schedule.bind(self.blocks, self._inputs())
             self.schedule, self._mask_list, self._strategy = None, None, schedule
             return
         if schedule is None:
             self.schedule, self._mask_list = None, None
             return
         schedule.check_compatible(blocks=[b.name for b in self.blocks])
-        mask = schedule.to_mask()  # (n_blocks, K) in schedule.blocks order
-        index = {name: i for i, name in enumerate(schedule.blocks)}
-        self._mask_list = [mask[index[b.name]].tolist() for b in self.blocks]
-        K = mask.shape[1]
-        self._reuse_by_step = [tuple(not any(self._mask_list[b][k] for b in idxs) for _, idxs in self._layers)
-                               for k in range(K)]
+        self._apply_mask(schedule)
         self.schedule = schedule
 
     @contextmanager
     def session(self, num_steps: int) -> Iterator["CacheEngine"]:
         """One sampling run of ``num_steps`` steps; the cache is empty at its start and dropped at its end."""
+        if self._detached:
+            raise RuntimeError("this engine is detached; attach a new one")
         if self._session is not None:
             raise RuntimeError("a cache session is already open; sessions do not nest")
+        if self._tracing and self._trace:  # a call outside any session (e.g. profile_flops) showed the order
+            self._finish_trace()
         if self.schedule is not None:
             self.schedule.check_compatible(num_steps=num_steps)
         if num_steps > len(self._computed[0]):
@@ -260,16 +349,24 @@ class CacheEngine:
         strategy = self._strategy
         if strategy is not None:
             strategy.begin(num_steps)
-        self._session = _Session(num_steps, self._mask_list, cache=[None] * len(self.blocks),
-                                 fused=[None] * len(self._layers))
+        s = _Session(num_steps, self._mask_list, caches=[[None] * len(self.blocks)],
+                     fuseds=[[None] * len(self._fusion.layers)], strategies=[strategy] if strategy is not None else [])
+        self._session = s
+        ok = False
         try:
             yield self
+            ok = True
         finally:
-            self.peak_cache_bytes = max(self.peak_cache_bytes, self._session.cache_bytes)
+            if self._tracing:
+                if ok and self._trace:
+                    self._finish_trace()
+                else:
+                    self._discard_trace()  # an interrupted first call shows no complete order
+            self.peak_cache_bytes = max(self.peak_cache_bytes, s.cache_bytes)
             self._session = None
             self.n_sessions += 1
-            if strategy is not None:
-                strategy.end()
+            for st in s.strategies:
+                st.end()
 
     def step(self, k: int, t=None) -> None:
         """The sampler announces denoising step ``k`` (0-based) with timestep ``t`` before calling the model."""
@@ -278,44 +375,20 @@ class CacheEngine:
             raise RuntimeError("engine.step() outside engine.session(); the sampler must open a session first")
         if not 0 <= k < s.num_steps:
             raise IndexError(f"step {k} is outside the session's {s.num_steps} steps")
-        s.k = k
-        if self._strategy is not None:
-            self._strategy.step(k, t)
-
-    # ------------------------------------------------------------------ statistics
-    def reset_stats(self, num_steps: int = 1) -> None:
-        # Counted in plain lists on the hot path (a list item add costs a tenth of a numpy item add);
-        # read as float arrays (a token-wise strategy computes a fraction of a block).
-        self._computed = [[0.0] * num_steps for _ in self.blocks]
-        self._reused = [[0.0] * num_steps for _ in self.blocks]
-        self._layer_reused = [[0.0] * num_steps for _ in self._layers]  # whole fused layers: one count each
-        self.peak_cache_bytes = 0
-        self.n_sessions = 0
-
-    def _grow_stats(self, num_steps: int) -> None:
-        for rows in (self._computed, self._reused, self._layer_reused):
-            for row in rows:
-                row.extend([0.0] * (num_steps - len(row)))
-
-    @property
-    def computed(self) -> np.ndarray:
-        """Block calls computed, [n_blocks, steps], summed over sessions (fractions for token-wise strategies)."""
-        return np.array(self._computed, dtype=np.float64).reshape(len(self.blocks), -1)
-
-    @property
-    def reused(self) -> np.ndarray:
-        """Block calls served from the cache, [n_blocks, steps], summed over sessions."""
-        out = np.array(self._reused, dtype=np.float64).reshape(len(self.blocks), -1)
-        for (_, idxs), counts in zip(self._layers, self._layer_reused):
-            out[idxs] += np.asarray(counts, dtype=np.float64)  # a fused layer's reuse is each of its blocks'
-        return out
+        if self._tracing and self._trace:
+            self._finish_trace()
+        s.k, s.t, s.call = k, t, -1
+        for st in s.strategies:
+            st.step(k, t)
 
     @contextmanager
-    def recording(self, first_input: bool = False) -> Iterator[dict[str, list[torch.Tensor]]]:
-        """Keep every block output of every step (for calibration); use with no schedule (compute all).
-        With ``first_input``, also the first block's input (the stream entering the stack) under the key
-        ``bac.engine.FIRST_INPUT``."""
-        self._record = {b.name: [] for b in self.blocks}
+    def recording(self, first_input: bool = False, into=None) -> Iterator[dict[str, list[torch.Tensor]]]:
+        """Keep every block's cached value at every call (for calibration); use with no schedule (compute all).
+        A value is the block's output (a unit's residual) as a float CPU tensor, several output tensors side by
+        side (``bac.tree.detach_float_cpu``). With ``first_input``, also the stream entering the first block under
+        the key ``bac.engine.FIRST_INPUT``. With several model calls per step, each call adds its own entry.
+        ``into``: where to append instead of new lists (``into[name].append(value)``; a streaming reducer)."""
+        self._record = into if into is not None else {b.name: [] for b in self.blocks}
         if first_input:
             self._record[FIRST_INPUT] = []
         try:
@@ -323,92 +396,47 @@ class CacheEngine:
         finally:
             self._record = None
 
-    def profile_flops(self, forward: Callable[[], object]) -> dict:
-        """Count matmul FLOPs of one uncached model call, per block and in total (torch's FlopCounterMode).
 
-        Attention score products are counted where torch counts them (CUDA kernels), not on the CPU;
-        at DP-T sizes they are under 2% of a block. Returns {"total", "blocks", "by_kind"} per model call.
-        """
-        from torch.utils.flop_counter import FlopCounterMode
+def attach(model: nn.Module, schedule=None, blocks=None, fuse_layers: bool = True, layers: str | None = None,
+           stack: str | None = None) -> CacheEngine:
+    """Wrap ``model``'s blocks from outside and return the engine that drives them.
 
-        with FlopCounterMode(display=False) as mode:
-            self._flop_mode = mode
-            try:
-                with torch.no_grad():
-                    forward()
-            finally:
-                self._flop_mode = None
-        self.model_flops = float(mode.get_total_flops())
-        by_kind: dict[str, float] = {}
-        for info, f in zip(self.blocks, self.block_flops):
-            by_kind[info.kind] = by_kind.get(info.kind, 0.0) + float(f)
-        return {"total": self.model_flops, "blocks": self.block_flops.tolist(), "by_kind": by_kind}
+    ``blocks``: a declaration (``bac.blocks``: a pattern such as ``"decoder.layers.*.{sa_block,ca_block,ff_block}"``,
+    a ``{pattern: kind}`` dict, a ``BlockSpec``, or a list of them), or ``None`` for the model's ``cache_blocks`` or
+    the common layouts in ``DEFAULT_PATTERNS``. A callable already wrapped by another tool (diffusers hooks,
+    cache-dit, another engine) is refused with ``WrapperConflict``.
 
-    def flops_ratio(self, mask: np.ndarray | None = None) -> float:
-        """Analytic FLOPs of a sampling run under ``mask`` (default: the schedule) over the uncached run."""
-        if not hasattr(self, "model_flops"):
-            raise RuntimeError("call engine.profile_flops(...) first")
-        if mask is None and self._strategy is not None:
-            return self.measured_flops_ratio()
-        if mask is None:
-            mask = np.ones((len(self.blocks), 1), bool) if self.schedule is None else np.asarray(self._mask_list)
-        K = mask.shape[1]
-        overhead = self.model_flops - self.block_flops.sum()
-        cached = K * overhead + float((self.block_flops[:, None] * mask).sum())
-        return cached / (K * self.model_flops)
-
-    def measured_flops_ratio(self) -> float:
-        """FLOPs ratio from what actually ran (the computed fraction of every block call, summed over the
-        sessions so far): the ratio for online strategies, whose mask is known only after the fact."""
-        computed = self.computed
-        calls = computed + self.reused
-        steps = calls.max(0) > 0
-        if not steps.any():
-            raise RuntimeError("no cache session has run yet")
-        frac = np.where(calls > 0, computed / np.maximum(calls, 1e-12), 1.0)[:, steps]
-        return self.flops_ratio(frac)
-
-    def stats(self) -> dict:
-        """Per-block computed/reused counts summed over sessions, and the cache's peak memory."""
-        computed, reused = self.computed, self.reused
-        total = computed.sum() + reused.sum()
-        return {
-            "blocks": [b.name for b in self.blocks],
-            "computed": computed.sum(1).tolist(),
-            "reused": reused.sum(1).tolist(),
-            "computed_fraction": float(computed.sum() / total) if total else float("nan"),
-            "peak_cache_mb": round(self.peak_cache_bytes / 2**20, 3),
-            "sessions": self.n_sessions,
-            **({"strategy": self._strategy.describe(), **self._strategy.stats()} if self._strategy is not None else {}),
-        }
-
-
-def attach(model: nn.Module, schedule=None, blocks: str | Sequence[str] | None = None,
-           fuse_layers: bool = True) -> CacheEngine:
-    """Wrap ``model``'s residual branches from outside and return the engine that drives them.
-
-    ``blocks``: a pattern such as ``"decoder.layers.*.{sa_block,ca_block,ff_block}"`` (module glob, then
-    the branch attribute), a list of them, or ``None`` for the model's ``cache_blocks`` declaration or
-    the common layouts in ``DEFAULT_PATTERNS``. With ``fuse_layers`` and a model that declares
-    ``cache_layers`` (modules whose forward returns its input plus the sum of its blocks' outputs), a
-    layer whose blocks all reuse at a step is replaced by one add of their summed cached deltas: the same
-    value up to float summation order, and fewer Python calls and tensor ops on the hot path. A model that
-    also declares ``cache_stack`` (the module whose forward runs those layers in order, each as
-    ``x = layer(x, *args, **kwargs)``) has that loop run by the engine during a session, so a reused layer
-    is that add alone, with no module call: bitwise the same result as the layer wrappers.
+    With ``fuse_layers`` and declared layers (``layers``, else the model's ``cache_layers``: modules whose forward
+    returns its input plus the sum of its blocks' outputs), a layer whose blocks all reuse at a step is replaced by
+    one add of their summed cached deltas: the same value up to float summation order, and fewer Python calls
+    and tensor ops on the hot path. The declaration is checked on the first call (a gated residual is refused).
+    A declared ``stack`` (else ``cache_stack``: the module whose forward runs those layers in order, each as
+    ``x = layer(x, *args, **kwargs)``) has that loop run by the engine during a session, so a reused layer is
+    that add alone, with no module call: bitwise the same result as the layer wrappers.
     """
-    engine = CacheEngine(model, find_blocks(model, blocks), fuse_layers=fuse_layers)
+    engine = CacheEngine(model, resolve_blocks(model, blocks), fuse_layers=fuse_layers, layers=layers, stack=stack)
     engine.set_schedule(schedule)
     return engine
 
 
-def fingerprint(model: nn.Module) -> str:
-    """A short hash of a model's parameters and buffers (names, shapes and values) to tie schedules to it."""
-    import hashlib
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's parameters and buffers (names, shapes and values) to tie schedules to it.
+
+    Any dtype (bf16, fp8: their bytes are hashed). Computed once per model and kept while no tensor of its state
+    is replaced or changed in place (each tensor's storage and version counter are checked)."""
+    state = model.state_dict(keep_vars=True)
+    key = tuple((name, t.data_ptr(), t._version, tuple(t.shape), t.dtype) for name, t in state.items())
+    hit = _FINGERPRINTS.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest = h.hexdigest()[:16]
+    _FINGERPRINTS[model] = (key, digest)
+    return digest

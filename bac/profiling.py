@@ -30,8 +30,20 @@ def _rel_l1(cur: np.ndarray, prev: np.ndarray) -> np.ndarray:
 
 
 def stack_residual(features: dict[str, np.ndarray]) -> np.ndarray:
-    """The whole stack's residual at every step: the sum of every block's delta, (K, N, T, C) float64."""
-    return sum(np.asarray(f, dtype=np.float64) for f in features.values())
+    """The whole stack's residual at every step: the sum of every block's delta, (K, N, T, C) float64.
+
+    Blocks on one residual stream have one shape. Where they do not (several stacks or streams: Latte's spatial
+    and temporal blocks, joint attention's two streams), the blocks of each shape are summed and the sums are
+    put side by side per sample, (K, N, D), or per step, (K, 1, D), where their sample dims differ."""
+    groups: dict[tuple, np.ndarray] = {}
+    for f in features.values():
+        f = np.asarray(f, dtype=np.float64)
+        groups[f.shape] = groups[f.shape] + f if f.shape in groups else f
+    if len(groups) == 1:
+        return next(iter(groups.values()))
+    n = {g.shape[1] for g in groups.values()}
+    N = n.pop() if len(n) == 1 else 1
+    return np.concatenate([g.reshape(g.shape[0], N, -1) for g in groups.values()], axis=2)
 
 
 def fit_teacache(first_input: np.ndarray, features: dict[str, np.ndarray], degree: int = 4) -> dict:
@@ -39,8 +51,11 @@ def fit_teacache(first_input: np.ndarray, features: dict[str, np.ndarray], degre
     steps, over all steps and observations (TeaCache's calibration as its authors describe it in their issue #2).
     Returns the coefficients (highest power first) and the fit's range and R²."""
     residual = stack_residual(features)
-    x = np.concatenate([_rel_l1(first_input[k], first_input[k - 1]) for k in range(1, len(first_input))])
-    y = np.concatenate([_rel_l1(residual[k], residual[k - 1]) for k in range(1, len(residual))])
+    xs = [_rel_l1(first_input[k], first_input[k - 1]) for k in range(1, len(first_input))]
+    ys = [_rel_l1(residual[k], residual[k - 1]) for k in range(1, len(residual))]
+    if xs and xs[0].shape != ys[0].shape:  # samples do not line up (the residual spans stacks): one point per step
+        xs, ys = [x.mean(keepdims=True) for x in xs], [y.mean(keepdims=True) for y in ys]
+    x, y = np.concatenate(xs), np.concatenate(ys)
     coeffs = np.polyfit(x, y, degree)
     pred = np.polyval(coeffs, x)
     r2 = 1.0 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))

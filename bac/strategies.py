@@ -25,12 +25,14 @@ Each online decision needs the device to report a number to the host (``.item()`
 """
 from __future__ import annotations
 
+import copy
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from bac import tree
 from bac.blocks import BlockInfo
 from bac.forecasters import (AdamsBashforth, FoCa, Forecaster, HyCa, LinearCorrection, Reuse, Taylor,  # noqa: F401
                              combine, make_forecaster)
@@ -50,12 +52,30 @@ class Strategy:
     name = "strategy"
     dynamic = False  # decisions depend on the data (an online indicator)
 
-    def bind(self, blocks: Sequence[BlockInfo]) -> None:
-        """Called once by the engine with its blocks, in the engine's order (block ``b`` is ``blocks[b]``)."""
+    def bind(self, blocks: Sequence[BlockInfo], inputs: Sequence[tuple[int | None, str | None]] | None = None) -> None:
+        """Called by the engine with its blocks in the order they run (block ``b`` is ``blocks[b]``), again if the
+        model's first call shows another order, and where each block's stream argument is (position, name)."""
         self.blocks = list(blocks)
         self.n_blocks = len(self.blocks)
+        self._inputs = list(inputs) if inputs is not None else [(0, None)] * self.n_blocks
         self._decide_s = 0.0
         self._steps = 0
+
+    def input(self, b: int, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The stream entering block ``b`` in this call (found through its call signature)."""
+        pos, name = self._inputs[b]
+        if pos is not None and pos < len(args):
+            return args[pos]
+        if name is None or name not in kwargs:
+            raise ValueError(f"block {self.blocks[b].name} was called without its stream argument {name or pos!r}")
+        return kwargs[name]
+
+    def with_input(self, b: int, args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
+        """``args, kwargs`` with block ``b``'s stream argument replaced by ``x``."""
+        pos, name = self._inputs[b]
+        if pos is not None and pos < len(args):
+            return args[:pos] + (x,) + args[pos + 1:], kwargs
+        return args, {**kwargs, name: x}
 
     def begin(self, num_steps: int) -> None:
         """A session (one sampling run of ``num_steps`` steps) starts: drop all per-run state."""
@@ -100,8 +120,8 @@ class MaskForecast(Strategy):
         if name:
             self.name = name
 
-    def bind(self, blocks):
-        super().bind(blocks)
+    def bind(self, blocks, inputs=None):
+        super().bind(blocks, inputs)
         self.schedule.check_compatible(blocks=[b.name for b in blocks])
         mask = self.schedule.to_mask()
         index = {n: i for i, n in enumerate(self.schedule.blocks)}
@@ -111,15 +131,36 @@ class MaskForecast(Strategy):
         super().begin(num_steps)
         self.schedule.check_compatible(num_steps=num_steps)
         self.forecaster.reset(self.n_blocks)
+        for f in getattr(self, "_more", ()):
+            f.reset(self.n_blocks)
         self._seen = [False] * self.n_blocks
+        self._shape: list = [None] * self.n_blocks  # a tuple output: its structure (forecast tensor by tensor)
+
+    def _forecasters(self, n: int) -> list[Forecaster]:
+        """One forecaster per output tensor (the j-th tensor of every block shares the j-th one)."""
+        more = self.__dict__.setdefault("_more", [])
+        while len(more) < n - 1:
+            f = copy.deepcopy(self.forecaster)
+            f.reset(self.n_blocks)
+            more.append(f)
+        return [self.forecaster] + more[: n - 1]
 
     def block(self, b, k, run, args, kwargs):
         if self.mask[b][k] or not self._seen[b]:
             out = run(*args, **kwargs)
-            self.forecaster.push(b, k, out)
+            if isinstance(out, torch.Tensor):
+                self.forecaster.push(b, k, out)
+            else:
+                ts = tree.tensors(out)
+                for f, t in zip(self._forecasters(len(ts)), ts):
+                    f.push(b, k, t)
+                self._shape[b] = out
             self._seen[b] = True
             return out, 1.0
-        return self.forecaster.predict(b, k), 0.0
+        if self._shape[b] is None:
+            return self.forecaster.predict(b, k), 0.0
+        fs = self._forecasters(len(tree.tensors(self._shape[b])))
+        return tree.map_tensors(lambda _, f: f.predict(b, k), self._shape[b], fs), 0.0
 
     def describe(self):
         s = self.schedule
@@ -169,7 +210,7 @@ class TeaCache(_Reusing):
     def block(self, b, k, run, args, kwargs):
         if b == 0:
             t0 = time.perf_counter()
-            x = args[0]
+            x = self.input(b, args, kwargs)
             if self.delta <= 0 or k in (0, self.num_steps - 1) or self.prev_in is None:
                 self.skip = False
             else:
@@ -202,22 +243,23 @@ class FBCache(_Reusing):
     def __init__(self, threshold: float):
         self.threshold = float(threshold)
 
-    def bind(self, blocks):
-        super().bind(blocks)
+    def bind(self, blocks, inputs=None):
+        super().bind(blocks, inputs)
         first = min(b.layer for b in self.blocks)
         self.first = [i for i, b in enumerate(self.blocks) if b.layer == first]
         self.decider = max(self.first)
 
     def begin(self, num_steps):
         super().begin(num_steps)
-        self.ref, self.res, self.skip = None, None, False
+        self.ref, self.res, self.outs, self.skip = None, None, [], False
 
     def block(self, b, k, run, args, kwargs):
         if b in self.first:
             out, frac = self._compute(b, run, args, kwargs)
-            self.res = out if b == self.first[0] else self.res + out
+            self.outs = [out] if b == self.first[0] else self.outs + [out]
             if b == self.decider:
                 t0 = time.perf_counter()
+                self.res = tree.summed(self.outs)  # the first layer's residual (side by side for several streams)
                 self.skip = (self.threshold > 0 and self.ref is not None
                              and float(rel_l1(self.res, self.ref).max()) < self.threshold)
                 if not self.skip:
@@ -246,8 +288,8 @@ class BWCache(_Reusing):
         self.threshold = float(threshold)
         self.max_reuse = int(max_reuse)
 
-    def bind(self, blocks):
-        super().bind(blocks)
+    def bind(self, blocks, inputs=None):
+        super().bind(blocks, inputs)
         layers = sorted({b.layer for b in self.blocks})
         self.layer_of = [layers.index(b.layer) for b in self.blocks]
         self.head = [i == 0 or self.blocks[i - 1].layer != b.layer for i, b in enumerate(self.blocks)]
@@ -263,7 +305,7 @@ class BWCache(_Reusing):
         li = self.layer_of[b]
         if self.head[b]:
             t0 = time.perf_counter()
-            x = args[0]
+            x = self.input(b, args, kwargs)
             ok = (self.threshold > 0 and self.ref[li] is not None and self.age[li] < self.max_reuse
                   and float(rel_l1(x, self.ref[li]).max()) < self.threshold)
             self.skip[li] = ok
@@ -302,18 +344,23 @@ class ToCa(_Reusing):
         super().begin(num_steps)
         self.inp: list[torch.Tensor | None] = [None] * self.n_blocks
         self.age: list[torch.Tensor | None] = [None] * self.n_blocks
+        self.tokenwise = [False] * self.n_blocks
 
     def block(self, b, k, run, args, kwargs):
         full = k % self.interval == 0 or self.cache[b] is None
         if full:
             out, frac = self._compute(b, run, args, kwargs)
             if self.blocks[b].kind == "ffn":
-                self.inp[b] = args[0]
-                self.age[b] = torch.zeros(out.shape[:2], device=out.device)
+                x = self.input(b, args, kwargs)
+                # token-wise: a (B, T, C) stream in, one output tensor per token out
+                self.tokenwise[b] = isinstance(out, torch.Tensor) and x.dim() == 3 and out.shape[:2] == x.shape[:2]
+                if self.tokenwise[b]:
+                    self.inp[b] = x
+                    self.age[b] = torch.zeros(out.shape[:2], device=out.device)
             return out, frac
-        if self.blocks[b].kind != "ffn" or self.ratio == 0.0 or args[0].dim() != 3:
+        if not self.tokenwise[b] or self.ratio == 0.0:
             return self.cache[b], 0.0
-        x = args[0]  # (B, T, C)
+        x = self.input(b, args, kwargs)  # (B, T, C)
         T = x.shape[1]
         r = max(1, int(round(self.ratio * T)))
         self.age[b] = self.age[b] + 1
@@ -321,7 +368,8 @@ class ToCa(_Reusing):
         score = score + self.freq_weight * self.age[b] / self.interval
         idx = score.topk(r, dim=1).indices  # (B, r)
         gather = idx[..., None].expand(-1, -1, x.shape[-1])
-        fresh = run(x.gather(1, gather), *args[1:], **kwargs)  # (B, r, C)
+        a, kw = self.with_input(b, args, kwargs, x.gather(1, gather))
+        fresh = run(*a, **kw)  # (B, r, C)
         out = self.cache[b].scatter(1, gather, fresh)
         self.cache[b] = out
         self.inp[b] = self.inp[b].scatter(1, gather, x.gather(1, gather))

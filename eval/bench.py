@@ -37,7 +37,7 @@ from bac.timing import Timed, device_sync, time_interleaved  # noqa: E402
 from eval.common import (device_name, load_bench_obs, method_defaults, pick_device, print_columns,  # noqa: E402,F401
                          resolve_path)
 from policies import load_policy  # noqa: E402
-from policies.caching import SCHEDULE_METHODS, disable_cache, enable_cache, make_cache  # noqa: E402
+from policies.cache_target import SCHEDULE_METHODS, disable_cache, enable_cache, make_cache  # noqa: E402
 
 
 def bench(cfg: DictConfig, out_dir: Path) -> list[dict]:

@@ -4,8 +4,8 @@
     python eval/calibrate.py env=robomimic env.task=can policy.scheduler=ddim policy.num_inference_steps=10
     python eval/calibrate.py env=robomimic calibrate.n_obs=16 calibrate.dataset=data/lift.hdf5
 
-Runs the uncached policy on ``calibrate.n_obs`` observations, records each
-block's residual delta at each of the K steps, and writes ``<checkpoint>/calibration/<Scheduler>_K<K>.npz``
+Runs the uncached policy on ``calibrate.n_obs`` observations, streams each block's residual delta at each of
+the K steps into its similarity sums (``bac.calibration.calibrate``), and writes ``<checkpoint>/calibration/<Scheduler>_K<K>.npz``
 (per-block K x K matrices for every metric, Bubbling Union scores), the observations themselves
 (``calib_obs.npz``: TeaCache, HyCa and ERTACache fit on an uncached run over them), plus schedule JSONs for the
 calibrated methods at the budgets in ``calibrate.n_updates`` under ``<checkpoint>/schedules/``.
@@ -32,10 +32,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from bac.calibration import Calibration  # noqa: E402
+from bac.calibration import Calibration, calibrate as calibrate_target  # noqa: E402
 from policies import load_policy  # noqa: E402
-from policies.caching import (bench_obs_path, calib_obs_path, calibration_path, policy_signature,  # noqa: E402
-                              record_trajectory)
+from policies.cache_target import (DPTCacheTarget, bench_obs_path, calib_obs_path, calibration_path,  # noqa: E402
+                                   policy_signature)
 from policies.data import load_demos  # noqa: E402
 
 SCHEDULE_METHODS = ("unified_acs", "blockwise_acs", "bac")
@@ -67,12 +67,6 @@ def shipped_obs(policy, ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return obs, {"calib_obs": str(path.relative_to(ckpt)), "n_obs": n}
 
 
-def record_features(policy, obs: dict[str, torch.Tensor], seed: int):
-    """Run the uncached policy once on the batch; returns (blocks, {name: (K, N, T*D) float32})."""
-    blocks, features, _ = record_trajectory(policy, obs, seed)
-    return blocks, {name: x.reshape(x.shape[0], x.shape[1], -1) for name, x in features.items()}
-
-
 def calibrate(cfg: DictConfig) -> Path:
     torch.set_num_threads(int(cfg.threads))
     ckpt = Path(cfg.policy.checkpoint)
@@ -95,11 +89,12 @@ def calibrate(cfg: DictConfig) -> Path:
         np.savez_compressed(calib_obs_path(ckpt), **{k: v.numpy() for k, v in obs.items()})  # for the fitted methods
         held_out = calibration_obs(policy, dataset, int(cfg.calibrate.n_bench_obs), int(cfg.calibrate.seed) + 1)
         np.savez_compressed(bench_obs_path(ckpt), **{k: v.numpy() for k, v in held_out.items()})
-    blocks, features = record_features(policy, obs, int(cfg.calibrate.seed))
-    calib = Calibration.from_features(features, blocks, scheduler=scheduler, model_hash=model_hash, source=source)
+    n = next(iter(obs.values())).shape[0]
+    calib = calibrate_target(DPTCacheTarget(policy, ckpt, obs), n, int(cfg.calibrate.seed), source=source)
+    assert (calib.scheduler, calib.model_hash) == (scheduler, model_hash)
     out = calibration_path(ckpt, scheduler, K)
     calib.save(out)
-    print(f"calibrated {len(blocks)} blocks x {K} steps on {source['n_obs']} observations in {time.time() - t0:.1f} s -> {out}")
+    print(f"calibrated {len(calib.blocks)} blocks x {K} steps on {source['n_obs']} observations in {time.time() - t0:.1f} s -> {out}")
     write_schedules(calib, ckpt, K, cfg.calibrate.n_updates, cfg.calibrate.n_bubble, str(cfg.cache.get("metric", "cosine")))
     return out
 

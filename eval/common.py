@@ -84,7 +84,7 @@ def method_defaults(name: str) -> dict:
 
 def load_bench_obs(policy, checkpoint: Path, n: int) -> dict[str, torch.Tensor]:
     """Held-out observations saved by eval/calibrate.py (key -> (N, To, d))."""
-    from policies.caching import bench_obs_path
+    from policies.cache_target import bench_obs_path
 
     path = bench_obs_path(checkpoint)
     if not path.exists():

@@ -36,7 +36,7 @@ from bac.wallclock import Watchdog, run_wallclock  # noqa: E402
 from bac.safety import ActionLimits, SafetyGuard  # noqa: E402
 from envs import make_env  # noqa: E402
 from policies import load_policy  # noqa: E402
-from policies.caching import cache_summary, enable_cache  # noqa: E402
+from policies.cache_target import cache_summary, enable_cache  # noqa: E402
 
 ROBOTS = ("sim",)
 FAULTS = (None, "nan", "wrong_size", "hang", "send_error")

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from bac.calibration import Calibration  # noqa: E402
 from policies import load_policy  # noqa: E402
-from policies.caching import calibration_path, disable_cache, enable_cache, make_schedule, policy_signature  # noqa: E402
+from policies.cache_target import calibration_path, disable_cache, enable_cache, make_schedule, policy_signature  # noqa: E402
 
 
 def heatmaps(checkpoint: Path, metric: str, out: Path) -> Path:

@@ -48,7 +48,7 @@ def ensure_calibrations(cfg: DictConfig, cells: list[Cell], checkpoint: Path) ->
     """Calibrate every (sampler, K) whose cells use a calibrated method and lack its calibration file."""
     from eval.calibrate import calibrate
     from policies import load_policy
-    from policies.caching import calibration_path, policy_signature
+    from policies.cache_target import calibration_path, policy_signature
 
     pairs = sorted({(c.sampler, c.K) for c in cells if c.name in CALIBRATED})
     for sampler, K in pairs:

@@ -15,7 +15,7 @@ from bac.timing import Timed, device_sync, time_interleaved
 from eval.common import load_bench_obs
 from eval.frontier_grid import Cell
 from policies import load_policy
-from policies.caching import disable_cache, enable_cache, make_cache, make_schedule
+from policies.cache_target import disable_cache, enable_cache, make_cache, make_schedule
 
 
 def measure_latency(policy, sample_obs: dict[str, np.ndarray], trials: int, seed: int, warm_start: int = 0) -> list[float]:

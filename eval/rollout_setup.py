@@ -16,7 +16,7 @@ from bac.loop import LatencyModel, LoopConfig
 from bac.rollout import ObsHistory
 from bac.warmstart import WarmStart
 from envs import make_env
-from policies.caching import make_cache, make_schedule
+from policies.cache_target import make_cache, make_schedule
 
 
 def check_env_matches_policy(env, policy) -> None:

@@ -38,7 +38,7 @@ from eval.rollout_setup import (build_cache, check_env_matches_policy, chunk_pre
                                 loop_config, pooled_envs, probe_obs)
 from eval.rundir import finished_episodes, print_table, run_lock, write_videos  # noqa: E402
 from policies import load_policy  # noqa: E402
-from policies.caching import cache_summary, enable_cache  # noqa: E402
+from policies.cache_target import cache_summary, enable_cache  # noqa: E402
 
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:

@@ -39,7 +39,7 @@ from eval.common import (device_name, load_bench_obs, method_defaults, pick_devi
 from eval.frontier_grid import cell_of  # noqa: E402
 from eval.latency import measure_budgets, measure_cells  # noqa: E402
 from policies import load_policy  # noqa: E402
-from policies.caching import make_schedule  # noqa: E402
+from policies.cache_target import make_schedule  # noqa: E402
 
 
 def pick_budget(cfg, policy, checkpoint: Path, obs: dict, reuse: bool = True) -> dict:

@@ -78,3 +78,11 @@ def test_block_errors_is_mean_pairwise_l1():
     xn = np.stack([x, 2 * x], axis=1)  # (K, N=2, D): the second sample's distances are doubled
     assert block_errors({"a": xn})["a"] == pytest.approx(3.0)
     assert block_errors({"a": x[:1]})["a"] == 0.0  # K = 1: no pairs
+
+
+def test_a_deeper_whole_block_unit_counts_as_an_ffn():
+    # a single-stream unit (kind "block") after the three layers: its steps reach the selected attention block
+    blocks = BLOCKS + [BlockInfo("single.0", 3, "block")]
+    acs = {**ACS, "single.0": [0, 3]}
+    got = bubbling_union(acs, blocks, {**errors_ranking("l2.attn"), "single.0": 0.0}, n_bubble=1, num_steps=K)
+    assert got["l2.attn"] == [0, 1, 3, 4, 6, 9] and got["single.0"] == [0, 3, 9]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from policies import load_policy
-from policies.caching import disable_cache, enable_cache, make_schedule
+from policies.cache_target import disable_cache, enable_cache, make_schedule
 from tests.test_engine import (act, check_compute_all_and_detach, check_fused_matches_unfused,
                                check_stack_matches_layer_wrappers, make_policy)
 from tests.test_strategies import check_compute_everything

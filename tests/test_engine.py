@@ -111,7 +111,7 @@ def test_fingerprint_changes_with_weights():
 
 
 def cached_policy(method="uniform"):
-    from policies.caching import enable_cache, make_schedule
+    from policies.cache_target import enable_cache, make_schedule
 
     policy = make_policy()
     engine = enable_cache(policy, make_schedule(policy, "unused", method, n_updates=4))
@@ -120,7 +120,7 @@ def cached_policy(method="uniform"):
 
 def test_compute_all_schedule_through_enable_cache_is_exact():
     from bac.schedule import compute_all
-    from policies.caching import enable_cache, policy_signature
+    from policies.cache_target import enable_cache, policy_signature
 
     policy = make_policy()
     reference = act(policy, obs())
@@ -155,7 +155,7 @@ def test_no_state_leaks_across_calls_or_batch_elements():
 
 def test_schedule_for_other_step_count_or_model_is_refused():
     from bac.schedule import ScheduleMismatch
-    from policies.caching import make_schedule
+    from policies.cache_target import make_schedule
 
     policy, engine = cached_policy("uniform")
     ddim = make_policy(scheduler="ddim", num_inference_steps=5)
@@ -172,7 +172,7 @@ def test_schedule_for_other_step_count_or_model_is_refused():
 
 
 def test_unknown_cache_and_missing_calibration_are_named(tmp_path):
-    from policies.caching import make_schedule
+    from policies.cache_target import make_schedule
 
     with pytest.raises(ValueError, match=r"unknown cache 'fast'; known caches: \['none', 'uniform'"):
         make_schedule(make_policy(), tmp_path, "fast")
@@ -183,7 +183,7 @@ def test_unknown_cache_and_missing_calibration_are_named(tmp_path):
 def check_fused_matches_unfused(policy):
     """Uniform reuse every 4 steps: fused layers give the unfused result. Shared with test_cuda."""
     from bac.schedule import uniform
-    from policies.caching import policy_signature
+    from policies.cache_target import policy_signature
 
     scheduler, K, model_hash = policy_signature(policy)
     blocks = [info.name for _, _, info in find_blocks(policy.model)]
@@ -208,7 +208,7 @@ def check_stack_matches_layer_wrappers(policy):
     """The engine-run stack (cache_stack) gives bitwise the actions of the layer wrappers alone, with the
     same stats. Shared with test_cuda."""
     from bac.schedule import uniform
-    from policies.caching import policy_signature
+    from policies.cache_target import policy_signature
 
     scheduler, K, model_hash = policy_signature(policy)
     blocks = [info.name for _, _, info in find_blocks(policy.model)]
@@ -220,7 +220,7 @@ def check_stack_matches_layer_wrappers(policy):
         cls.cache_stack = declared if stacked else None
         try:
             engine = attach(policy.model, schedule)
-            assert (engine._stack is not None) == stacked
+            assert (engine._fusion.stack is not None) == stacked
             policy.step_cursor = engine
             outs[stacked] = act(policy, obs())
             stats[stacked] = (engine.computed.copy(), engine.reused.copy())
@@ -258,7 +258,7 @@ def test_stack_calls_a_hooked_layer_as_a_module():
     """The engine-run stack calls a layer's forward directly, except when the layer has hooks: then the
     module call runs them at every step where the layer computes."""
     from bac.schedule import uniform
-    from policies.caching import policy_signature
+    from policies.cache_target import policy_signature
 
     policy = make_policy()
     scheduler, K, model_hash = policy_signature(policy)
@@ -289,3 +289,16 @@ def test_stack_calls_a_hooked_layer_as_a_module():
     rows = [i for i, b in enumerate(blocks) if b.startswith("decoder.layers.1.")]
     assert len(calls) == int(schedule.to_mask()[rows].any(0).sum()) > 0
     assert all(torch.equal(kept, copy) for kept, copy in held)  # reused layers add in place only on their own sums
+
+
+def test_patterns_match_name_components():
+    """``*`` is one dotted component, ``**`` any number, ``[...]`` a set; declared kinds for unknown names."""
+    model = make_policy().model
+    assert [b.name for _, _, b in find_blocks(model, "decoder.layers.[0-1].ff_block")] == [
+        "decoder.layers.0.ff_block", "decoder.layers.1.ff_block"]
+    assert len(find_blocks(model, "decoder.**.ff_block")) == 3
+    with pytest.raises(ValueError, match="no blocks match"):
+        find_blocks(model, "decoder.*.ff_block")
+    with pytest.raises(ValueError, match="cannot tell the kind of block decoder.layers.0.linear1"):
+        find_blocks(model, "decoder.layers.*.linear1")
+    assert {b.kind for _, _, b in find_blocks(model, {"decoder.layers.*.linear1": "ffn"})} == {"ffn"}

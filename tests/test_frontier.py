@@ -117,7 +117,7 @@ def test_calibration_for_a_new_sampler_and_k_loads_only_there(calibrated):
     import eval.calibrate as calibrate
     from bac.schedule import Schedule, ScheduleMismatch
     from policies import load_policy
-    from policies.caching import make_cache, policy_signature
+    from policies.cache_target import make_cache, policy_signature
 
     out = calibrate.calibrate(compose_cfg("env=toy", f"policy.checkpoint={calibrated}", "policy.scheduler=ddim",
                                           "policy.num_inference_steps=6", "calibrate.n_updates=[3,8]"))

@@ -11,7 +11,7 @@ from bac.engine import attach, find_blocks
 from bac.schedule import compute_all
 from bac.strategies import (AdamsBashforth, BWCache, FBCache, FoCa, HyCa, MaskForecast, Reuse, Taylor, TeaCache,
                             ToCa, rel_l1)
-from policies.caching import CACHE_METHODS, LITERATURE_METHODS, disable_cache, enable_cache, make_cache
+from policies.cache_target import CACHE_METHODS, LITERATURE_METHODS, disable_cache, enable_cache, make_cache
 from tests.conftest import compose_cfg
 from tests.test_engine import act, make_policy, obs
 

@@ -278,7 +278,7 @@ def test_wall_clock_episodes_through_run(toy_checkpoint, tmp_path):
 def test_cache_knobs_and_task_are_checked_before_anything_runs(toy_checkpoint, tmp_path):
     from bac.engine import find_blocks
     from bac.schedule import uniform
-    from policies.caching import make_cache, policy_signature
+    from policies.cache_target import make_cache, policy_signature
 
     policy = load_policy(toy_checkpoint)
     for bad in (0, 1000, None):  # 0 once ran S = 10; 1000 ran uncached under the cache's label
