@@ -16,11 +16,12 @@ caller computes ``x + delta_cached`` on the *current* stream (BAC's residual reu
 attention's image and context streams): every tensor is cached and the same structure comes back. Inputs are
 found through the call signature, so blocks called with keywords work.
 
-The model's first call with the engine attached is traced: every block computes, and the order in which blocks
-run and their depth (the rank of the module holding them) are recorded; the engine re-indexes its blocks to that
-order, so ``engine.blocks`` lists them as they run, also across several stacks (Flux's double- then single-stream
-blocks, Latte's interleaved spatial and temporal blocks). Within a step, each model call has its own cache (CFG
-run as a conditional and an unconditional call): the k-th call of a step reuses what the k-th call computed.
+The model's first call with the engine attached is traced (``bac.tracing``): every block computes, and the order
+in which blocks run and their depth (the rank of the module holding them) are recorded; the engine re-indexes its
+blocks to that order, so ``engine.blocks`` lists them as they run, also across several stacks (Flux's double-
+then single-stream blocks, Latte's interleaved spatial and temporal blocks). Within a step, each model call has
+its own cache (CFG run as a conditional and an unconditional call): the k-th call of a step reuses what the k-th
+call computed.
 
 The cache lives for one session and is dropped when the session ends, also on an exception: nothing leaks across
 observations, episodes or batches. Hot path: the mask is a host-side list of booleans built before sampling, so
@@ -44,9 +45,9 @@ from bac.accounting import Accounting
 from bac.blocks import DEFAULT_PATTERNS, KIND_BY_ATTR, BlockInfo, BlockSpec, Found, find_blocks, resolve_blocks  # noqa: F401
 from bac.blockcall import WrappedBlock
 from bac.fusion import LayerFusion
+from bac.tracing import FIRST_INPUT, OrderTrace  # noqa: F401 (FIRST_INPUT: a recording key callers use)
 from bac.wrapping import WrapperConflict, check_free, install, uninstall  # noqa: F401
 
-FIRST_INPUT = "<first block input>"  # recording key of the stream entering the first block
 
 
 @dataclass(eq=False)
@@ -66,7 +67,7 @@ class _Session:
         self.strategy = self.strategies[0] if self.strategies else None
 
 
-class CacheEngine(Accounting):
+class CacheEngine(Accounting, OrderTrace):
     """Owns the wrapped blocks, the step cursor and the schedule; see the module docstring."""
 
     def __init__(self, model: nn.Module, found: list[Found], fuse_layers: bool = True,
@@ -186,96 +187,6 @@ class CacheEngine(Accounting):
         if self._record is not None and frac > 0:
             self._record_call(b, value, args, kwargs)
         return out
-
-    # ------------------------------------------------------------------ the first call: order and depth
-    def _traced_call(self, blk: WrappedBlock, args, kwargs):
-        first = not self._trace
-        self._trace.append(blk.index)
-        self._trace_seen.add(blk.index)
-        out = self._counted(blk, args, kwargs) if self._flop_mode is not None else blk.original(*args, **kwargs)
-        value = blk.value(out, args, kwargs)
-        self._trace_value[blk.index] = value
-        if self._session is not None:
-            self._trace_log.append((blk, args, kwargs, value))
-        if self._record is not None:
-            self._record[blk.found.info.name].append(tree.detach_float_cpu(value))
-            if first and FIRST_INPUT in self._record:
-                self._record[FIRST_INPUT].append(blk.input(args, kwargs).detach().float().cpu())
-        return out
-
-    def _discard_trace(self) -> None:
-        self._trace, self._trace_log, self._trace_value = [], [], {}
-        self._trace_seen = set()
-
-    def _finish_trace(self, again: bool = False) -> None:
-        """Fix the order and depth the first call showed, then give the session what that call computed."""
-        order, log = self._trace, self._trace_log
-        self._tracing = False
-        self._discard_trace()
-        self._fusion.finish_trace()
-        if self._reindex(order) and self._strategy is not None:
-            st = self._strategy
-            spent = st._decide_s, st._steps
-            st.bind(self.blocks, self._inputs())
-            st._decide_s, st._steps = spent
-        if self.schedule is not None:
-            self._apply_mask(self.schedule)  # re-indexed rows, and only verified layers fuse
-        fusion = self._fusion
-        self._entry_block = -1 if fusion.stack is not None or fusion.layer_of[0] is not None else 0
-        self._entry_layer = fusion.entry_layer()
-        s = self._session
-        if s is None:
-            return
-        s.mask = self._mask_list
-        s.call, s.cache, s.fused, s.strategy = 0, s.caches[0], s.fuseds[0], (s.strategies[0] if s.strategies else None)
-        k = s.k
-        for blk, args, kwargs, value in log:  # the first call computed every block: replay it into the state
-            b = blk.index
-            if s.strategy is not None:
-                got, frac = s.strategy.block(b, k, lambda *a, _v=value, **kw: _v, args, kwargs)
-                if got is not value or frac != 1.0:
-                    raise RuntimeError(f"strategy {s.strategy.name} did not compute block {self.blocks[b].name} at the "
-                                       "first model call of a session; a strategy must compute what it has not seen")
-            elif s.mask is not None:
-                s.cache_bytes += tree.nbytes(value)
-                s.cache[b] = value
-            self._computed[b][k] += 1
-        if again:
-            self._new_call(s)
-
-    def _reindex(self, order: list[int]) -> bool:
-        """Put the blocks in ``order`` (blocks that did not run go last) with depths from it; True if anything moved."""
-        called = set(order)
-        order = list(order) + [b for b in range(len(self._blocks)) if b not in called]
-        depth: dict[int, int] = {}
-        infos = []
-        for b in order:
-            f = self._blocks[b].found
-            infos.append(BlockInfo(f.info.name, depth.setdefault(id(f.layer), len(depth)), f.info.kind))
-        if infos == self.blocks:
-            return False
-        self._blocks = [self._blocks[b] for b in order]
-        for i, blk in enumerate(self._blocks):
-            blk.index = i
-        self.blocks = infos
-        self._computed = [self._computed[b] for b in order]
-        self._reused = [self._reused[b] for b in order]
-        self.block_flops = self.block_flops[order]
-        self._fusion.reindex({old: new for new, old in enumerate(order)})
-        return True
-
-    def trace(self, forward: Callable[[], object]) -> list[BlockInfo]:
-        """Run ``forward()`` (one model call, no session, no grad) if the block order is not known yet, and return
-        the blocks in the order they run, with their depth: what order-aware schedules (Δ-DiT, the Bubbling Union)
-        must be built from."""
-        if self._tracing:
-            if self._session is not None:
-                raise RuntimeError("trace() inside a cache session")
-            with torch.no_grad():
-                forward()
-            if self._trace:
-                self._finish_trace()
-        return list(self.blocks)
 
     # ------------------------------------------------------------------ calls within a step
     def _new_call(self, s: _Session) -> None:
