@@ -104,5 +104,9 @@ def train(args) -> dict:
     return record
 
 
+def main(argv=None) -> dict:
+    return train(parse_args(argv))
+
+
 if __name__ == "__main__":
-    train(parse_args())
+    main()
