@@ -3,17 +3,10 @@ sha256 of every file that defines what the checkpoint computes, checked on every
 written here so that ``backends/`` does not import ``policies/``). No pickles."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from bac.files import file_sha256, write_atomic
 
 
 def write_manifest(directory: str | Path, files: list[str]) -> None:
@@ -22,9 +15,7 @@ def write_manifest(directory: str | Path, files: list[str]) -> None:
     path = d / "manifest.json"
     manifest = json.loads(path.read_text()) if path.exists() else {}
     manifest["files"] = {name: file_sha256(d / name) for name in sorted(files)}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(manifest, indent=2) + "\n")
 
 
 def verify_manifest(directory: str | Path) -> None:

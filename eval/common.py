@@ -5,13 +5,14 @@ except to run it (eval/frontier.py runs eval/run.py's ``evaluate`` per cell), so
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+
+from bac.files import write_atomic  # noqa: F401 (the entry points import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,17 +44,6 @@ def device_name(device: torch.device) -> str:
     except (OSError, StopIteration):
         pass
     return f"cpu ({name}, {torch.get_num_threads()} thread(s))"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a crash or a full disk
-    leaves the previous file (or none), never a truncated one."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def peak_rss_mb() -> float:

@@ -81,7 +81,7 @@ def updates_key(cfg, policy) -> dict:
 def frontier_key(cfg, path: Path, device) -> dict:
     """What a choice over a measured frontier depends on: that frontier (its content), the checkpoint, the budget,
     the device."""
-    from policies.data import file_sha256
+    from bac.files import file_sha256
 
     return {"kind": "frontier", "frontier": str(path.resolve()), "frontier_sha256": file_sha256(path),
             "checkpoint": str(resolve_path(cfg.policy.checkpoint).resolve()), "budget_ms": float(cfg.loop.budget_ms),

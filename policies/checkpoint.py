@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from policies.data import file_sha256
+from bac.files import file_sha256, write_atomic
 from policies.diffusion_policy import DiffusionTransformerPolicy, DPTConfig
 from policies.normalizer import Normalizer
 
@@ -42,9 +42,7 @@ def write_weights_record(directory: Path) -> None:
     path = directory / "manifest.json"
     manifest = json.loads(path.read_text()) if path.exists() else {}
     manifest["weights"] = weights_record(directory)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(manifest, indent=2) + "\n")
 
 
 def verify_weights(directory: Path) -> None:

@@ -6,7 +6,6 @@ through the same code.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -14,15 +13,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from bac.files import file_sha256  # noqa: F401 (policies.data.file_sha256 is imported by callers)
+
 ROBOMIMIC_LOW_DIM_KEYS = ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _demo_order(name: str) -> int:
