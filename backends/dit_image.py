@@ -19,8 +19,8 @@ from pathlib import Path
 
 from torch import nn
 
+from bac.blocks import BlockSpec
 from backends.digits import load_digits_split
-
 from backends.generator import (Generator, GeneratorCacheTarget, check_inference_options, load_generator,
                                 save_generator)
 
@@ -66,6 +66,9 @@ class DiTImageGenerator(Generator):
     def sample_shape(self) -> tuple[int, int, int]:
         c = self.config
         return (c.in_channels, c.image_size, c.image_size)
+
+    def unit_blocks(self) -> list[BlockSpec]:
+        return [BlockSpec("transformer_blocks.*", kind="block")]
 
     def digits_split(self):
         return load_digits_split(self.config.image_size)

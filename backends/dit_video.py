@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bac.blocks import BlockSpec
 from backends.digits import load_digits_split
 from backends.generator import (Generator, GeneratorCacheTarget, check_inference_options, load_generator,
                                 save_generator)
@@ -104,6 +105,10 @@ class DiTVideoGenerator(Generator):
 
     def image_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return labels.repeat_interleave(self.config.frames)
+
+    def unit_blocks(self) -> list[BlockSpec]:
+        return [BlockSpec("transformer.transformer_blocks.*", kind="block"),
+                BlockSpec("transformer.temporal_transformer_blocks.*", kind="block")]
 
     def digits_split(self):
         return load_digits_split(self.config.digit)

@@ -18,9 +18,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from bac.blocks import BlockSpec
 from bac.calibration import Calibration, calibrate
 from bac.engine import fingerprint
-from bac.protocol import Signature
+from bac.protocol import Signature, blocks_of
 from bac.sampling import StepCursor, denoise
 from backends.checkpoint import verify_manifest, write_manifest
 
@@ -63,6 +64,11 @@ class Generator:
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def unit_blocks(self) -> list[BlockSpec]:
+        """The transformer blocks as whole units (``BlockSpec(kind="block")``): a reused block skips its
+        attention, its MLP and its adaLN conditioning, and adds its cached residual."""
         raise NotImplementedError
 
     def as_images(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,17 +176,28 @@ def load_generator(cls: type[Generator], directory: str | Path, trainer: str, **
     return gen
 
 
-def calibration_path(checkpoint: str | Path, scheduler: str, num_steps: int, n: int) -> Path:
-    return Path(checkpoint) / "calibration" / f"{scheduler}_K{num_steps}_n{n}.npz"
+def calibration_path(checkpoint: str | Path, scheduler: str, num_steps: int, n: int, blocks: str) -> Path:
+    return Path(checkpoint) / "calibration" / f"{scheduler}_K{num_steps}_n{n}_{blocks}.npz"
+
+
+BLOCK_GRANULARITIES = ("units", "branches")
 
 
 class GeneratorCacheTarget:
-    """``gen`` as ``bac.protocol.CacheTarget``. Calibration inputs are labels 0, 1, ... (cycling over the classes)
-    with seeded noise. With ``checkpoint``, ``cache_calibration`` loads ``calibration/<scheduler>_K<K>_n<n>.npz``
-    there, making and saving it on first use; without, bac calibrates in memory each time."""
+    """``gen`` as ``bac.protocol.CacheTarget``. ``blocks``: what the engine caches, ``"units"`` (whole transformer
+    blocks, ``Generator.unit_blocks``) or ``"branches"`` (attention and MLP branches: the model's declaration or
+    bac's default patterns; the blocks' adaLN conditioning and gates then run every step).
+    Calibration inputs are labels 0, 1, ... (cycling over the classes) with seeded noise. With ``checkpoint``,
+    ``cache_calibration`` loads ``calibration/<scheduler>_K<K>_n<n>_<blocks>.npz`` there, making and saving it on
+    first use; without, bac calibrates in memory each time."""
 
-    def __init__(self, gen: Generator, checkpoint: str | Path | None = None, n_calibration: int = 16):
-        self.gen, self.checkpoint, self.n_calibration = gen, checkpoint, n_calibration
+    def __init__(self, gen: Generator, checkpoint: str | Path | None = None, n_calibration: int = 16,
+                 blocks: str = "units"):
+        if blocks not in BLOCK_GRANULARITIES:
+            raise ValueError(f"blocks={blocks!r} is not known; known: {list(BLOCK_GRANULARITIES)}")
+        self.gen, self.checkpoint, self.n_calibration, self.blocks = gen, checkpoint, n_calibration, blocks
+        if blocks == "units":
+            self.cache_blocks = gen.unit_blocks()
         if checkpoint is None:
             self.cache_calibration = None  # CacheContext then calibrates with its own n
 
@@ -205,10 +222,11 @@ class GeneratorCacheTarget:
 
     def cache_calibration(self) -> Calibration:
         sig = self.cache_signature()
-        path = calibration_path(self.checkpoint, sig.scheduler, sig.num_steps, self.n_calibration)
+        path = calibration_path(self.checkpoint, sig.scheduler, sig.num_steps, self.n_calibration, self.blocks)
         if path.exists():
             cal = Calibration.load(path)
-            if cal.model_hash == sig.model_hash and cal.num_steps == sig.num_steps:
+            if (cal.model_hash, cal.num_steps) == (sig.model_hash, sig.num_steps) and \
+                    [b.name for b in cal.blocks] == [b.name for b in blocks_of(self)]:
                 return cal
         cal = calibrate(self, self.n_calibration, source={"inputs": "labels 0..9 cycling, seeded noise",
                                                           "n": self.n_calibration, "seed": 0})

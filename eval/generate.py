@@ -80,7 +80,7 @@ def generate(cfg: DictConfig, out: Path) -> dict:
     batches = [int(x) for x in b.timing_batches]
     if not batches or min(batches) < 1:
         raise ValueError(f"backend.timing_batches must list batch sizes >= 1, got {batches}")
-    target = GeneratorCacheTarget(gen, ckpt, n_calibration=int(b.n_calibration))
+    target = GeneratorCacheTarget(gen, ckpt, n_calibration=int(b.n_calibration), blocks=str(b.blocks))
     cache_cfg = OmegaConf.to_container(cfg.cache, resolve=True)
     cache = build_cache(target, cache_cfg)
     C = gen.config.num_classes
@@ -130,7 +130,7 @@ def generate(cfg: DictConfig, out: Path) -> dict:
     ref_img, cached_img = gen.as_images(ref), gen.as_images(cached)
 
     summary = {
-        "backend": OmegaConf.to_container(b, resolve=True), "cache": cache_cfg,
+        "backend": OmegaConf.to_container(b, resolve=True), "cache": cache_cfg, "blocks": target.blocks,
         "K": gen.config.num_inference_steps, "scheduler": type(gen.scheduler).__name__,
         "n_samples": len(labels), "sample_shape": list(gen.sample_shape), "device": device_name(device),
         "threads": int(cfg.threads), "timing_rounds": int(g.timing_rounds),

@@ -53,17 +53,25 @@ def _grid(gen, cursor=None):
 
 
 def test_target_is_a_cache_target_with_the_dit_blocks(gen):
-    target = DiTCacheTarget(gen)
-    assert isinstance(target, CacheTarget)
+    video = isinstance(gen, DiTVideoGenerator)
+    t = "transformer." if video else ""
+    target = DiTCacheTarget(gen)  # whole blocks, in execution order (video: spatial 0, temporal 0, spatial 1, ...)
+    assert isinstance(target, CacheTarget) and target.blocks == "units"
     ctx = CacheContext(target, calibration_inputs=2)
-    if isinstance(gen, DiTImageGenerator):
-        assert ctx.names == [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn1", "ff")]
-    else:  # declared by the model; in execution order: spatial 0, temporal 0, spatial 1, temporal 1
-        t = "transformer."
+    stacks = ("transformer_blocks", "temporal_transformer_blocks") if video else ("transformer_blocks",)
+    assert ctx.names == [f"{t}{s}.{i}" for i in range(2) for s in stacks]
+    assert {b.kind for b in ctx.blocks} == {"block"} and [b.layer for b in ctx.blocks] == list(range(len(ctx.names)))
+    # branches: the model's declaration (video) or bac's default patterns (image)
+    ctx = CacheContext(DiTCacheTarget(gen, blocks="branches"), calibration_inputs=2)
+    if video:
         assert ctx.names == [n for i in range(2) for n in (
             *(f"{t}transformer_blocks.{i}.{m}" for m in ("attn1", "attn2", "ff")),
             *(f"{t}temporal_transformer_blocks.{i}.{m}" for m in ("attn1", "ff")))]
+    else:
+        assert ctx.names == [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn1", "ff")]
     assert ctx.signature.scheduler == "DDIMScheduler" and ctx.K == K
+    with pytest.raises(ValueError, match="blocks='layers' is not known"):
+        DiTCacheTarget(gen, blocks="layers")
 
 
 EVERYTHING = {"none": {}, "uniform": {"n_updates": K}, "bac": {"n_updates": K, "n_bubble": 1},
@@ -72,10 +80,11 @@ SKIPPING = {"uniform": {"n_updates": 2}, "bac": {"n_updates": 2, "n_bubble": 1},
             "taylorseer": {"interval": 3}}
 
 
-def test_compute_everything_is_exact_skipping_reuses_and_detach_is_exact(gen):
+@pytest.mark.parametrize("blocks", ["units", "branches"])
+def test_compute_everything_is_exact_skipping_reuses_and_detach_is_exact(gen, blocks):
     state = {k: v.clone() for k, v in gen.model.state_dict().items()}
     reference = _grid(gen)
-    ctx = CacheContext(DiTCacheTarget(gen), calibration_inputs=2)
+    ctx = CacheContext(DiTCacheTarget(gen, blocks=blocks), calibration_inputs=2)
     for method, knobs in EVERYTHING.items():
         engine = attach_to(ctx.target, build_cache(ctx, {**defaults(method), **knobs}))
         try:
@@ -197,6 +206,9 @@ def test_generate_end_to_end_on_a_tiny_checkpoint(gen, tmp_path):
     assert set(saved["speedup"]) == set(saved["latency_ms"]) == {"1", "2"}
     assert saved["flops_ratio"] < 1 and summary["n_samples"] == 20 and saved["sample_shape"] == list(gen.sample_shape)
     assert set(saved["classifier"]) == {"uncached", "cached", "fd_real_train"}
-    assert (ckpt / "calibration" / f"DDIMScheduler_K{K}_n2.npz").exists()
+    assert (ckpt / "calibration" / f"DDIMScheduler_K{K}_n2_units.npz").exists()
+    cfg.backend.blocks = "branches"  # another granularity: its own calibration file
+    generate(cfg, tmp_path / "out2")
+    assert (ckpt / "calibration" / f"DDIMScheduler_K{K}_n2_branches.npz").exists()
     with pytest.raises(ValueError, match="unknown backend 'dit_audio'"):
         generate(compose_cfg("backend=dit_image", "backend.name=dit_audio", config_name="generate"), tmp_path / "x")
