@@ -34,7 +34,7 @@ from bac.metrics import latency_stats  # noqa: E402
 from bac.protocol import attach_to  # noqa: E402
 from bac.timing import Timed, device_sync, time_interleaved  # noqa: E402
 from backends import backend  # noqa: E402
-from backends.digit_classifier import feature_fd, load_classifier  # noqa: E402
+from backends.digit_classifier import feature_fd, load_classifier, paired_change  # noqa: E402
 from backends.generator import GeneratorCacheTarget  # noqa: E402
 from backends.image_metrics import psnr, rel_l2, ssim  # noqa: E402
 from eval.common import device_name, pick_device, resolve_path, write_atomic  # noqa: E402
@@ -127,6 +127,7 @@ def generate(cfg: DictConfig, out: Path) -> dict:
                 dist[name] = {"accuracy": float((clf(x).argmax(1) == image_labels).float().mean()),
                               "fd": feature_fd(clf, x, x_test)}
             dist["fd_real_train"] = feature_fd(clf, x_train, x_test)
+            dist["change"] = paired_change(clf, gen.as_images(cached), gen.as_images(ref), image_labels, x_test)
     ref_img, cached_img = gen.as_images(ref), gen.as_images(cached)
 
     summary = {

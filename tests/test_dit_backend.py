@@ -16,7 +16,8 @@ pytest.importorskip("sklearn")
 from bac.methods import CacheContext, build_cache, defaults  # noqa: E402
 from bac.protocol import CacheTarget, attach_to  # noqa: E402
 from backends.digit_classifier import (ClassifierConfig, DigitClassifier, accuracy, feature_fd,  # noqa: E402
-                                       frechet_distance, load_classifier, save_classifier)
+                                       frechet_distance, load_classifier, paired_change,
+                                       save_classifier)
 from backends.digits import load_digits_split  # noqa: E402
 from backends.dit_image import DiTCacheTarget, DiTImageConfig, DiTImageGenerator, load_dit_image, save_dit_image  # noqa: E402
 from backends.dit_video import DiTVideoConfig, DiTVideoGenerator, load_dit_video, save_dit_video  # noqa: E402
@@ -174,6 +175,10 @@ def test_digits_split_and_classifier_metrics(tmp_path):
     a = rng.normal(size=(500, 4))
     assert abs(frechet_distance(a, a)) < 1e-9
     assert frechet_distance(a, a + 1.0) == pytest.approx(4.0, rel=1e-6)  # mean shift of 1 in 4 dimensions
+    same = paired_change(clf, xt[:60], xt[:60], yt[:60], xt[60:])
+    assert same == {"accuracy": 0.0, "accuracy_se": 0.0, "fd": 0.0, "fd_se": 0.0}
+    moved = paired_change(clf, torch.roll(xt[:60], 2, -1), xt[:60], yt[:60], xt[60:])
+    assert moved["fd"] > 0 and moved["fd_se"] > 0
     save_classifier(clf, tmp_path)
     assert torch.equal(load_classifier(tmp_path)(xt[:5]), clf(xt[:5]))
 
@@ -205,7 +210,9 @@ def test_generate_end_to_end_on_a_tiny_checkpoint(gen, tmp_path):
         assert key in saved, key
     assert set(saved["speedup"]) == set(saved["latency_ms"]) == {"1", "2"}
     assert saved["flops_ratio"] < 1 and summary["n_samples"] == 20 and saved["sample_shape"] == list(gen.sample_shape)
-    assert set(saved["classifier"]) == {"uncached", "cached", "fd_real_train"}
+    assert set(saved["classifier"]) == {"uncached", "cached", "fd_real_train", "change"}
+    change = saved["classifier"]["change"]
+    assert change["fd"] == pytest.approx(saved["classifier"]["cached"]["fd"] - saved["classifier"]["uncached"]["fd"])
     assert (ckpt / "calibration" / f"DDIMScheduler_K{K}_n2_units.npz").exists()
     cfg.backend.blocks = "branches"  # another granularity: its own calibration file
     generate(cfg, tmp_path / "out2")
