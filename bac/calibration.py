@@ -46,16 +46,26 @@ class Calibration:
         errs = block_errors({n: features[n] for n in names})
         return cls(blocks, K, sims, np.array([errs[n] for n in names], np.float64), **meta)
 
-    def schedule(self, method: str, n_updates: int, n_bubble: int = 0, metric: str = "cosine") -> Schedule:
-        """Build a schedule of any method from this calibration (see ``bac.schedule.from_similarity``)."""
+    def schedule(self, method: str, n_updates: int, n_bubble: int = 0, metric: str = "cosine",
+                 step_weights: np.ndarray | None = None) -> Schedule:
+        """Build a schedule of any method from this calibration (see ``bac.schedule.from_similarity``).
+        ``step_weights`` (K,): output-weighted ACS (``bac.sensitivity``), each replaced step t's similarity
+        (or distance) scaled by w_t."""
         if metric not in self.sims:
             raise ValueError(f"calibration has no {metric!r} matrices; it has {sorted(self.sims)}")
         names = [b.name for b in self.blocks]
         sims = {n: self.sims[metric][i].astype(np.float64) for i, n in enumerate(names)}
+        source = dict(self.source)
+        if step_weights is not None:
+            w = np.asarray(step_weights, np.float64)
+            if w.shape != (self.num_steps,) or not np.isfinite(w).all() or (w < 0).any():
+                raise ValueError(f"step_weights must be {self.num_steps} finite non-negative numbers, got shape {w.shape}")
+            sims = {n: m * w[None, :] for n, m in sims.items()}
+            source["step_weights"] = [round(float(x), 4) for x in w]
         errors = {n: float(e) for n, e in zip(names, self.errors)}
         return from_similarity(
             sims, errors, self.blocks, method, n_updates, n_bubble, metric,
-            scheduler=self.scheduler, model_hash=self.model_hash, calibration=dict(self.source),
+            scheduler=self.scheduler, model_hash=self.model_hash, calibration=source,
         )
 
     def save(self, path: str | Path) -> None:

@@ -6,9 +6,12 @@ methods (``bac.methods``) are built from it and know nothing else about the mode
   cache_model()            the denoiser the engine attaches to (its blocks: its ``cache_blocks`` or the defaults)
   cache_signature()        what a schedule is made for: sampler, K, weights hash (``Signature``)
   cache_call()             one denoiser call as sampling makes it (FLOPs profiling; it also shows the block order)
-  cache_sample(cursor, n, seed)   one uncached sampling run over ``n`` calibration inputs, announcing every step
-                           to ``cursor`` (a cache engine recording the blocks); the same seed gives the same run
+  cache_sample(cursor, n, seed)   one sampling run over ``n`` calibration inputs, announcing every step to
+                           ``cursor`` (a cache engine recording the blocks, a schedule, or None); the same seed
+                           gives the same run; returns the final output (a tensor; output-weighted schedules,
+                           ``bac.sensitivity``, need it)
   cache_calibration()      optional: calibration summaries saved for this signature (None: bac computes them)
+  cache_step_weights()     optional: output-sensitivity step weights saved for this signature (``bac.sensitivity``)
   cache_blocks             optional attribute: a block declaration for ``bac.engine.attach`` (None: the model's)
 
 Shapes: K denoising steps, N calibration inputs.
@@ -53,7 +56,7 @@ class CacheTarget(Protocol):
 
     def cache_call(self) -> Callable[[], object]: ...
 
-    def cache_sample(self, cursor: StepCursor, n: int, seed: int) -> None: ...
+    def cache_sample(self, cursor: StepCursor | None, n: int, seed: int) -> torch.Tensor | None: ...
 
 
 class Trajectory(NamedTuple):

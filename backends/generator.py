@@ -15,6 +15,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -199,7 +200,7 @@ class GeneratorCacheTarget:
         if blocks == "units":
             self.cache_blocks = gen.unit_blocks()
         if checkpoint is None:
-            self.cache_calibration = None  # CacheContext then calibrates with its own n
+            self.cache_calibration = self.cache_step_weights = None  # CacheContext then measures with its own n
 
     def cache_model(self) -> nn.Module:
         return self.gen.model
@@ -216,9 +217,24 @@ class GeneratorCacheTarget:
         t = torch.tensor(gen.config.num_train_timesteps // 2, device=gen.device)
         return lambda: model_fn(x, t, 0)
 
-    def cache_sample(self, cursor: StepCursor, n: int, seed: int) -> None:
+    def cache_sample(self, cursor: StepCursor | None, n: int, seed: int) -> torch.Tensor:
         labels = torch.arange(n) % self.gen.config.num_classes
-        self.gen.sample(labels, generator=torch.Generator().manual_seed(seed), cursor=cursor)
+        return self.gen.sample(labels, generator=torch.Generator().manual_seed(seed), cursor=cursor)
+
+    def cache_step_weights(self) -> np.ndarray:
+        """``bac.sensitivity``'s step weights, saved beside the calibration (``..._weights.npy``) on first use."""
+        from bac.sensitivity import measure_step_weights
+
+        cal, sig = self.cache_calibration(), self.cache_signature()
+        path = calibration_path(self.checkpoint, sig.scheduler, sig.num_steps, self.n_calibration, self.blocks)
+        path = path.with_name(path.stem + "_weights.npz")
+        if path.exists():
+            with np.load(path) as z:
+                if str(z["model_hash"]) == sig.model_hash and len(z["w"]) == sig.num_steps:
+                    return z["w"]
+        w = measure_step_weights(self, cal, min(4, self.n_calibration))
+        np.savez(path, w=w, model_hash=np.array(sig.model_hash))
+        return w
 
     def cache_calibration(self) -> Calibration:
         sig = self.cache_signature()

@@ -75,14 +75,16 @@ class DPTCacheTarget:
                 raise ValueError(f"{path} lacks observation keys {missing}; re-run eval/calibrate.py")
             return {k: torch.from_numpy(z[k][:n]).to(self.policy.device) for k in self.policy.config.obs_keys}
 
-    def cache_sample(self, cursor, n: int, seed: int) -> None:
+    def cache_sample(self, cursor, n: int, seed: int) -> torch.Tensor:
+        """One sampling run over n calibration observations; returns the predicted trajectory (n, T, Da)."""
         policy = self.policy
         obs = self.calibration_obs(n)
         policy.step_cursor = cursor
         try:
-            policy.predict_action(obs, generator=torch.Generator(device=policy.device).manual_seed(seed))
+            out = policy.predict_action(obs, generator=torch.Generator(device=policy.device).manual_seed(seed))
         finally:
             policy.step_cursor = None
+        return out["action_pred"]
 
     def cache_calibration(self) -> Calibration:
         sig = self.cache_signature()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from functools import cached_property
 
+import numpy as np
+
 from bac.blocks import BlockInfo
 from bac.protocol import CacheTarget, Signature, Trajectory, blocks_of, record
 
@@ -48,6 +50,20 @@ class CacheContext:
 
                 self._calibration = calibrate(self.target, self.calibration_inputs)
         return self._calibration
+
+    def step_weights(self) -> np.ndarray:
+        """Output-sensitivity step weights (``bac.sensitivity``): the target's saved ones
+        (``cache_step_weights``, optional), else measured now over ``calibration_inputs`` inputs (at most 4)."""
+        if "_step_weights" not in self.__dict__:
+            saved = getattr(self.target, "cache_step_weights", None)
+            if saved is not None:
+                self._step_weights = saved()
+            else:
+                from bac.sensitivity import measure_step_weights
+
+                self._step_weights = measure_step_weights(self.target, self.calibration(),
+                                                          min(4, self.calibration_inputs))
+        return self._step_weights
 
     def trajectory(self, n: int, seed: int = 0) -> Trajectory:
         """One recorded uncached run over ``n`` calibration inputs (kept in memory for the next fit)."""

@@ -5,6 +5,8 @@
   unified_acs    one ACS schedule (on the mean similarity) for all blocks, plus K-1
   blockwise_acs  ACS per block, plus K-1
   bac            ACS per block, then the Bubbling Union over the n most drifting blocks
+With ``weights=output`` the calibrated rows weight each step by how much its reuse moves the final output per
+unit of feature drift (``bac.sensitivity``), instead of counting every step alike.
 
 The calibrated rows read the target's calibration (``bac.calibration``); ``schedule`` runs a saved schedule
 JSON instead, checked against the model, sampler and K.
@@ -17,6 +19,8 @@ from bac.acs import METRICS
 from bac.methods.context import CacheContext
 from bac.schedule import Schedule, uniform
 
+WEIGHTS = ("none", "output")
+
 
 @dataclass
 class RowConfig:
@@ -24,8 +28,11 @@ class RowConfig:
     n_bubble: int = 5  # n: Bubbling Union blocks (bac only)
     metric: str = "cosine"  # ACS metric (calibrated rows)
     schedule: str | None = None  # a schedule JSON to run instead of building one
+    weights: str = "none"  # ACS step weights (calibrated rows): none (the paper's) | output (bac.sensitivity)
 
     def __post_init__(self):
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"cache.weights={self.weights!r} is not one of {list(WEIGHTS)}")
         if self.metric not in METRICS:
             raise ValueError(f"cache.metric={self.metric!r} is not one of {list(METRICS)}")
         self.n_bubble = int(self.n_bubble or 0)
@@ -55,7 +62,8 @@ def build_row(method: str, cfg: RowConfig, ctx: CacheContext) -> Schedule | None
     elif method == "uniform":
         schedule = uniform(ctx.names, K, n_updates, **ctx.meta)
     else:
-        schedule = ctx.calibration().schedule(method, n_updates, cfg.n_bubble, cfg.metric)
+        weights = ctx.step_weights() if cfg.weights == "output" else None
+        schedule = ctx.calibration().schedule(method, n_updates, cfg.n_bubble, cfg.metric, step_weights=weights)
     ctx.signature.check(schedule)
     return schedule
 
