@@ -4,16 +4,20 @@ keys, bit-identical outputs); compute-everything settings give bit-identical sam
 less and stay close; consecutive samples do not leak cache state; bad knobs and non-applicable peers raise."""
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 D = pytest.importorskip("diffusers")
 
 from bac.engine import attach  # noqa: E402
 from bac.sampling import denoise  # noqa: E402
 from bac.wrapping import WrapperConflict  # noqa: E402
-from eval.peers import PEERS, NotApplicable, build_peer  # noqa: E402
+from eval.peers import CONFIGS, PEERS, NotApplicable, build_peer  # noqa: E402
 
 K = 10  # DDIM steps: timesteps 900, 800, ..., 0
 
@@ -122,6 +126,13 @@ SKIP = {
 }
 ON_LATTE = ["fewer_steps", "diffusers_taylorseer", "diffusers_pab", "diffusers_fastercache"]
 CASES = [("dit", n) for n in PEERS] + [("latte", n) for n in ON_LATTE]
+
+
+def test_every_peer_has_a_hydra_config_with_its_defaults():
+    root = Path(__file__).resolve().parents[1] / "configs" / "cache"
+    for name, config in CONFIGS.items():
+        yaml = OmegaConf.to_container(OmegaConf.load(root / f"{name}.yaml"), resolve=True)
+        assert yaml == json.loads(json.dumps({"name": name, **asdict(config())})), name  # tuples as lists
 
 
 def test_registry_lists_every_peer_and_refuses_unknown_names():
