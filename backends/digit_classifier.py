@@ -92,6 +92,25 @@ def feature_fd(model: DigitClassifier, x: torch.Tensor, real: torch.Tensor) -> f
     return frechet_distance(model.features(x).numpy(), model.features(real).numpy())
 
 
+@torch.no_grad()
+def paired_change(model: DigitClassifier, x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor,
+                  real: torch.Tensor, n_boot: int = 200, seed: int = 0) -> dict:
+    """How accuracy and FD change from ``ref`` (N, 1, H, W; e.g. uncached) to ``x`` (the same N, e.g. cached from
+    identical noise), with standard errors from pairs: accuracy's from the per-image differences, FD's from a
+    bootstrap that resamples the same images for both (``n_boot`` resamples). |change| <= 2 se: within noise."""
+    hit_x = (model(x).argmax(1) == labels).double()
+    hit_r = (model(ref).argmax(1) == labels).double()
+    d = hit_x - hit_r
+    fx, fr, freal = model.features(x).numpy(), model.features(ref).numpy(), model.features(real).numpy()
+    g = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        i = g.integers(0, len(fx), len(fx))
+        boots.append(frechet_distance(fx[i], freal) - frechet_distance(fr[i], freal))
+    return {"accuracy": float(d.mean()), "accuracy_se": float(d.std(unbiased=True) / len(d) ** 0.5),
+            "fd": frechet_distance(fx, freal) - frechet_distance(fr, freal), "fd_se": float(np.std(boots, ddof=1))}
+
+
 def save_classifier(model: DigitClassifier, directory: str | Path) -> list[str]:
     """Write ``classifier.safetensors`` and ``classifier.json``; returns the file names (for the manifest)."""
     d = Path(directory)

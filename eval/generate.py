@@ -1,14 +1,17 @@
-"""Sample an image grid with a cache method and without, from identical noise, in one process.
+"""Sample a grid with a cache method and without, from identical noise, in one process.
 
     python eval/generate.py backend=dit_image cache=bac
     python eval/generate.py backend=dit_image cache=uniform cache.n_updates=10 backend.num_inference_steps=50
+    python eval/generate.py backend=dit_video cache=bac
 
-Writes to the hydra run folder ``grid.png`` (one row per class: the uncached samples | the cached ones) and
-``summary.json``: batch-``generate.timing_batch`` latency of both (interleaved rounds, ``bac.timing``), speedup
-and analytic FLOPs ratio of the cache; PSNR, SSIM and rel-L2 of the cached grid against the uncached one; and,
-for both grids, the accuracy of the checkpoint's digit classifier on the class asked for and the Fréchet
-distance of its features against the real test digits (``fd_real_train`` is that distance for real training
-digits: the floor). Calibrated methods use ``<checkpoint>/calibration/``, made on first use.
+Writes to the hydra run folder ``grid.png`` (one row per class: the uncached samples | the cached ones; for
+video, one clip per class with its frames side by side) and, for video, ``grid.gif`` (the whole grid, animated),
+and ``summary.json``: latency of both at each of ``backend.timing_batches`` (interleaved rounds,
+``bac.timing``), speedup per batch and analytic FLOPs ratio of the cache; PSNR, SSIM and rel-L2 of the cached
+samples against the uncached ones (per image; per frame for video); and, for both grids, the accuracy of the
+checkpoint's digit classifier on the class asked for (per frame for video) and the Fréchet distance of its
+features against real test digits (``fd_real_train`` is that distance for real training digits: the floor).
+Calibrated methods use ``<checkpoint>/calibration/``, made on first use.
 """
 from __future__ import annotations
 
@@ -30,17 +33,16 @@ from bac.methods import build_cache  # noqa: E402
 from bac.metrics import latency_stats  # noqa: E402
 from bac.protocol import attach_to  # noqa: E402
 from bac.timing import Timed, device_sync, time_interleaved  # noqa: E402
-from backends.digit_classifier import feature_fd, load_classifier  # noqa: E402
-from backends.digits import load_digits_split  # noqa: E402
-from backends.dit_image import DiTCacheTarget, load_dit_image  # noqa: E402
+from backends import backend  # noqa: E402
+from backends.digit_classifier import feature_fd, load_classifier, paired_change  # noqa: E402
+from backends.generator import GeneratorCacheTarget  # noqa: E402
 from backends.image_metrics import psnr, rel_l2, ssim  # noqa: E402
 from eval.common import device_name, pick_device, resolve_path, write_atomic  # noqa: E402
 
-BACKENDS = ("dit_image",)
-
 
 def grid_image(left: torch.Tensor, right: torch.Tensor, rows: int, scale: int) -> np.ndarray:
-    """(N, 1, H, W) pairs in [-1, 1] -> uint8 (rows*H*s, (2*cols*W + W)*s): left grid | a gap | right grid."""
+    """(N, 1, H, W) pairs in [-1, 1] -> uint8 (rows*H*s, (2*cols*W + W)*s): left grid | a gap | right grid;
+    image i in row i // cols."""
     def tile(x):
         n, _, h, w = x.shape
         x = ((x[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
@@ -52,16 +54,33 @@ def grid_image(left: torch.Tensor, right: torch.Tensor, rows: int, scale: int) -
     return img.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy()
 
 
+def write_grids(out: Path, gen, ref: torch.Tensor, cached: torch.Tensor, rows: int, scale: int) -> None:
+    """grid.png (and grid.gif for clips) of the uncached | the cached samples, row r: class r."""
+    import imageio.v3 as iio
+
+    if ref.dim() == 4:  # images (N, 1, H, W)
+        iio.imwrite(out / "grid.png", grid_image(ref, cached, rows, scale))
+        return
+    n, _, F, H, W = ref.shape  # clips (N, 1, F, H, W), row r holds n // rows clips of class r
+    first = torch.arange(rows) * (n // rows)  # one clip per class, its frames side by side
+    strip = lambda x: x[first].transpose(1, 2).flatten(0, 1)  # noqa: E731  (rows * F, 1, H, W)
+    iio.imwrite(out / "grid.png", grid_image(strip(ref), strip(cached), rows, scale))
+    frames = [grid_image(ref[:, :, f], cached[:, :, f], rows, max(1, scale // 2)) for f in range(F)]
+    iio.imwrite(out / "grid.gif", np.stack(frames), duration=200, loop=0)
+
+
 def generate(cfg: DictConfig, out: Path) -> dict:
     torch.set_num_threads(int(cfg.threads))
     b, g = cfg.backend, cfg.generate
-    if b.name not in BACKENDS:
-        raise ValueError(f"unknown backend {b.name!r}; known backends: {list(BACKENDS)}")
+    _, load = backend(str(b.name))
     device = pick_device(str(cfg.device))
     ckpt = resolve_path(str(b.checkpoint))
-    gen = load_dit_image(ckpt, scheduler=b.scheduler, num_inference_steps=int(b.num_inference_steps),
-                         guidance_scale=float(b.guidance_scale)).to(device)
-    target = DiTCacheTarget(gen, ckpt, n_calibration=int(b.n_calibration))
+    gen = load(ckpt, scheduler=b.scheduler, num_inference_steps=int(b.num_inference_steps),
+               guidance_scale=float(b.guidance_scale)).to(device)
+    batches = [int(x) for x in b.timing_batches]
+    if not batches or min(batches) < 1:
+        raise ValueError(f"backend.timing_batches must list batch sizes >= 1, got {batches}")
+    target = GeneratorCacheTarget(gen, ckpt, n_calibration=int(b.n_calibration), blocks=str(b.blocks))
     cache_cfg = OmegaConf.to_container(cfg.cache, resolve=True)
     cache = build_cache(target, cache_cfg)
     C = gen.config.num_classes
@@ -78,50 +97,55 @@ def generate(cfg: DictConfig, out: Path) -> dict:
     finally:
         engine.detach()
 
-    # batch-n latency, interleaved; the cache is attached and detached off the clock
-    nb = int(g.timing_batch)
-    t_labels = labels[torch.linspace(0, len(labels) - 1, nb).long()]
-    t_noise = noise[:nb]
-    state = {}
-    configs = [Timed("none", lambda r: gen.sample(t_labels, noise=t_noise))]
-    if cache is not None:
-        configs.append(Timed(
-            "cache", lambda r: gen.sample(t_labels, noise=t_noise, cursor=state["engine"]),
-            before=lambda r: state.__setitem__("engine", attach_to(target, cache)),
-            after=lambda r: state.pop("engine").detach()))
+    # latency at each batch size, interleaved; the cache is attached and detached off the clock
+    state, configs = {}, []
+    for nb in batches:
+        t_labels = labels[torch.linspace(0, len(labels) - 1, nb).long()]
+        t_noise = gen.noise(nb, torch.Generator().manual_seed(int(g.seed) + 2))
+        configs.append(Timed(f"none@{nb}", lambda r, x=t_noise, y=t_labels: gen.sample(y, noise=x)))
+        if cache is not None:
+            configs.append(Timed(
+                f"cache@{nb}", lambda r, x=t_noise, y=t_labels: gen.sample(y, noise=x, cursor=state["engine"]),
+                before=lambda r: state.__setitem__("engine", attach_to(target, cache)),
+                after=lambda r: state.pop("engine").detach()))
     times = time_interleaved(configs, int(g.timing_rounds), 2, device_sync(device))
-    lat = {k: latency_stats(v) for k, v in times.items()}
-    t_none = float(np.median(times["none"]))
-    t_cache = float(np.median(times["cache"])) if cache is not None else t_none
+    latency, speedup = {}, {}
+    for nb in batches:
+        none, cached_t = times[f"none@{nb}"], times.get(f"cache@{nb}", times[f"none@{nb}"])
+        latency[str(nb)] = {"none": latency_stats(none), "cache": latency_stats(cached_t)}
+        speedup[str(nb)] = float(np.median(none) / np.median(cached_t))
 
-    clf_dir = ckpt if (ckpt / "classifier.json").exists() else None
-    (x_train, _), (x_test, _) = load_digits_split(gen.config.image_size)
     dist = {}
-    if clf_dir is not None:
-        clf = load_classifier(clf_dir)
+    if (ckpt / "classifier.json").exists():
+        clf = load_classifier(ckpt)
+        (x_train, _), (x_test, _) = gen.real_split()
+        x_train, x_test = gen.as_images(x_train), gen.as_images(x_test)
+        image_labels = gen.image_labels(labels)
         with torch.no_grad():
             for name, x in (("uncached", ref), ("cached", cached)):
-                dist[name] = {"accuracy": float((clf(x).argmax(1) == labels).float().mean()),
+                x = gen.as_images(x)
+                dist[name] = {"accuracy": float((clf(x).argmax(1) == image_labels).float().mean()),
                               "fd": feature_fd(clf, x, x_test)}
             dist["fd_real_train"] = feature_fd(clf, x_train, x_test)
+            dist["change"] = paired_change(clf, gen.as_images(cached), gen.as_images(ref), image_labels, x_test)
+    ref_img, cached_img = gen.as_images(ref), gen.as_images(cached)
 
     summary = {
-        "backend": OmegaConf.to_container(b, resolve=True), "cache": cache_cfg,
+        "backend": OmegaConf.to_container(b, resolve=True), "cache": cache_cfg, "blocks": target.blocks,
         "K": gen.config.num_inference_steps, "scheduler": type(gen.scheduler).__name__,
-        "n_images": len(labels), "device": device_name(device),
-        "latency_ms": {"none": lat["none"], "cache": lat.get("cache", lat["none"])},
-        "timing_batch": nb, "speedup": t_none / t_cache, "flops_ratio": flops_ratio,
-        "psnr_db": psnr(cached, ref), "ssim": ssim(cached, ref), "rel_l2": rel_l2(cached, ref),
+        "n_samples": len(labels), "sample_shape": list(gen.sample_shape), "device": device_name(device),
+        "threads": int(cfg.threads), "timing_rounds": int(g.timing_rounds),
+        "latency_ms": latency, "speedup": speedup, "flops_ratio": flops_ratio,
+        "psnr_db": psnr(cached_img, ref_img), "ssim": ssim(cached_img, ref_img), "rel_l2": rel_l2(cached, ref),
         "classifier": dist, "engine": {k: v for k, v in stats.items() if k != "blocks"},
     }
     out.mkdir(parents=True, exist_ok=True)
-    import imageio.v3 as iio
-
-    iio.imwrite(out / "grid.png", grid_image(ref, cached, C, int(g.scale)))
+    write_grids(out, gen, ref, cached, C, int(g.scale))
     write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
     acc = {k: round(v["accuracy"], 3) for k, v in dist.items() if isinstance(v, dict)}
     fd = {k: round(v["fd"], 2) for k, v in dist.items() if isinstance(v, dict)}
-    print(f"{cache_cfg['name']}: {summary['speedup']:.2f}x, FLOPs {flops_ratio:.3f}, PSNR {summary['psnr_db']:.1f} dB, "
+    speed = ", ".join(f"{v:.2f}x at batch {k}" for k, v in speedup.items())
+    print(f"{cache_cfg['name']}: {speed}, FLOPs {flops_ratio:.3f}, PSNR {summary['psnr_db']:.1f} dB, "
           f"SSIM {summary['ssim']:.3f}, rel-L2 {summary['rel_l2']:.3f}, accuracy {acc}, "
           f"FD {fd} -> {out}")
     return summary

@@ -1,7 +1,9 @@
-"""Train the class-conditional image DiT (and the digit classifier that judges its samples) on scikit-learn's
-bundled digits, upsampled; writes a checkpoint folder (a few MB).
+"""Train a class-conditional DiT backend (and the digit classifier that judges its samples) on scikit-learn's
+bundled digits: the image DiT on the digits upsampled, the video DiT on clips of them moving (fresh motion every
+batch); writes a checkpoint folder (a few MB).
 
     python eval/train_dit.py --out checkpoints/dit_image --time-budget-s 1200
+    python eval/train_dit.py --backend dit_video --out checkpoints/dit_video --time-budget-s 2400
 
 Writes model.safetensors (EMA weights), config.json, classifier.safetensors + classifier.json, train_record.json
 (loss curve, classifier test accuracy, steps, wall time, the command) and manifest.json (sha256 of each file).
@@ -23,25 +25,27 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from backends import BACKENDS, backend  # noqa: E402
 from backends.digit_classifier import accuracy, save_classifier, train_classifier  # noqa: E402
-from backends.digits import load_digits_split  # noqa: E402
-from backends.dit_image import DiTImageConfig, DiTImageGenerator, save_dit_image  # noqa: E402
+from backends.generator import save_generator  # noqa: E402
+
+# the architecture flags (None: the backend config's default) and the config field each sets
+ARCH = {"image_size": "image_size", "frames": "frames", "canvas": "canvas", "digit": "digit",
+        "num_layers": "num_layers", "num_heads": "num_heads", "head_dim": "head_dim", "patch_size": "patch_size"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="checkpoints/dit_image")
+    p.add_argument("--backend", default="dit_image", choices=BACKENDS)
+    p.add_argument("--out", default=None, help="default: checkpoints/<backend>")
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--time-budget-s", type=float, default=1200.0, help="stop training the DiT after this many seconds")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--patch-size", type=int, default=2)
-    p.add_argument("--classifier-epochs", type=int, default=30)
+    for flag in ARCH:
+        p.add_argument("--" + flag.replace("_", "-"), type=int, default=None, help="default: the backend config's")
+    p.add_argument("--classifier-epochs", type=int, default=None, help="default: 30 (image), 8 (video: 8x the images)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100)
@@ -52,16 +56,26 @@ def train(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start = time.time()
-    (x, y), (x_test, y_test) = load_digits_split(args.image_size)
+    cls, _ = backend(args.backend)
+    arch = {field: getattr(args, flag) for flag, field in ARCH.items() if getattr(args, flag) is not None}
+    unknown = sorted(set(arch) - set(cls.Config.__dataclass_fields__))
+    if unknown:
+        raise SystemExit(f"{args.backend} has no {unknown}; its config: {sorted(cls.Config.__dataclass_fields__)}")
+    gen = cls(cls.Config(**arch))
+    config = gen.config
+    (x, y), _ = gen.digits_split()
+    (_, _), (real_test, y_test) = gen.real_split()
 
-    clf = train_classifier(x, y, epochs=args.classifier_epochs, seed=args.seed)
-    clf_acc = accuracy(clf, x_test, y_test)
-    print(f"classifier: test accuracy {clf_acc:.4f} ({len(y_test)} images)", flush=True)
+    # the classifier judges what the backend's samples look like: images, or the frames of clips
+    g_clf = torch.Generator().manual_seed(args.seed)
+    clf_x, clf_y = gen.as_images(gen.training_batch(x, g_clf)), gen.image_labels(y)
+    epochs = args.classifier_epochs or (30 if len(clf_y) == len(y) else 8)
+    clf = train_classifier(clf_x, clf_y, epochs=epochs, seed=args.seed)
+    clf_acc = accuracy(clf, gen.as_images(real_test), gen.image_labels(y_test))
+    print(f"classifier: test accuracy {clf_acc:.4f} ({len(y_test)} test samples)", flush=True)
 
-    config = DiTImageConfig(image_size=args.image_size, patch_size=args.patch_size, num_layers=args.num_layers,
-                            num_heads=args.num_heads, head_dim=args.head_dim)
-    gen = DiTImageGenerator(config)
-    model = gen.model.train()  # train mode: diffusers' label embedding drops 10% of labels (the null class, CFG)
+    # train mode: the label embedding drops 10% of labels to the null class (classifier-free guidance)
+    model = gen.model.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = gen.scheduler
@@ -69,7 +83,7 @@ def train(args) -> dict:
     curve, running, step, t0 = [], 0.0, 0, time.time()
     while step < args.steps and time.time() - t0 < args.time_budget_s:
         idx = torch.randint(0, len(y), (args.batch_size,), generator=g)
-        x0, labels = x[idx], y[idx]
+        x0, labels = gen.training_batch(x[idx], g), y[idx]
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, config.num_train_timesteps, (len(idx),), generator=g)
         pred = model(sched.add_noise(x0, noise, t), timestep=t, class_labels=labels, return_dict=False)[0]
@@ -91,15 +105,17 @@ def train(args) -> dict:
     gen.model = ema
     record = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if sys.argv else "",
-        "data": "sklearn.datasets.load_digits, bilinear upsampled, fixed 80/20 split (seed 0)",
+        "backend": args.backend,
+        "data": "sklearn.datasets.load_digits, bilinear upsampled, fixed 80/20 split (seed 0)"
+                + ("; clips of moving digits, fresh motion each batch" if args.backend == "dit_video" else ""),
         "n_train": len(y), "n_test": len(y_test), "steps": step, "batch_size": args.batch_size, "lr": args.lr,
         "ema": args.ema, "threads": args.threads, "train_wall_s": round(time.time() - t0, 1),
         "total_wall_s": round(time.time() - t_start, 1), "final_loss": curve[-1]["loss"] if curve else None,
-        "loss_curve": curve, "classifier_test_accuracy": clf_acc, "torch": torch.__version__,
+        "loss_curve": curve, "classifier_test_accuracy": clf_acc, "classifier_epochs": epochs, "torch": torch.__version__,
     }
-    out = Path(args.out)
+    out = Path(args.out or f"checkpoints/{args.backend}")
     extra = save_classifier(clf, out)
-    save_dit_image(gen, out, record, extra_files=tuple(extra))
+    save_generator(gen, out, record, extra_files=tuple(extra))
     print(f"wrote {out} ({step} steps, {record['train_wall_s']} s)", flush=True)
     return record
 

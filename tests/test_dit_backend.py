@@ -1,6 +1,7 @@
-"""The image DiT backend (backends/): a tiny random-init DiT as a bac.protocol.CacheTarget (methods built through
-bac.methods exact when computing everything, reusing otherwise; detach exact), its checkpoint round trip with
-the sha256 check, the digit classifier's metrics, and eval/generate.py end to end on a tiny checkpoint."""
+"""The DiT backends (backends/), image and video: a tiny random-init model of each as a bac.protocol.CacheTarget
+(methods built through bac.methods exact when computing everything, reusing otherwise; detach exact), their
+checkpoint round trip with the sha256 check, the clips of moving digits, the digit classifier's metrics, and
+eval/generate.py end to end on a tiny checkpoint of each."""
 from __future__ import annotations
 
 import json
@@ -15,24 +16,35 @@ pytest.importorskip("sklearn")
 from bac.methods import CacheContext, build_cache, defaults  # noqa: E402
 from bac.protocol import CacheTarget, attach_to  # noqa: E402
 from backends.digit_classifier import (ClassifierConfig, DigitClassifier, accuracy, feature_fd,  # noqa: E402
-                                       frechet_distance, load_classifier, save_classifier)
+                                       frechet_distance, load_classifier, paired_change,
+                                       save_classifier)
 from backends.digits import load_digits_split  # noqa: E402
 from backends.dit_image import DiTCacheTarget, DiTImageConfig, DiTImageGenerator, load_dit_image, save_dit_image  # noqa: E402
+from backends.dit_video import DiTVideoConfig, DiTVideoGenerator, load_dit_video, save_dit_video  # noqa: E402
 from backends.image_metrics import psnr, rel_l2, ssim  # noqa: E402
+from backends.moving_digits import make_clips  # noqa: E402
 
 K = 6
 TINY = DiTImageConfig(image_size=8, patch_size=2, num_layers=2, num_heads=2, head_dim=8, num_inference_steps=K)
+TINY_VIDEO = DiTVideoConfig(frames=3, canvas=8, digit=4, patch_size=2, num_layers=2, num_heads=2, head_dim=8,
+                            caption_dim=8, num_inference_steps=K)
+KINDS = {"image": (DiTImageGenerator, TINY, save_dit_image, load_dit_image),
+         "video": (DiTVideoGenerator, TINY_VIDEO, save_dit_video, load_dit_video)}
 
 
-@pytest.fixture(scope="module")
-def gen():
+def _tiny(kind):
     torch.manual_seed(0)
-    g = DiTImageGenerator(TINY)
+    g = KINDS[kind][0](KINDS[kind][1])
     # diffusers zero-inits adaLN-zero gates and the output layer: perturb so that every block matters
     with torch.no_grad():
         for p in g.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return g
+
+
+@pytest.fixture(scope="module", params=["image", "video"])
+def gen(request):
+    return _tiny(request.param)
 
 
 def _grid(gen, cursor=None):
@@ -42,11 +54,25 @@ def _grid(gen, cursor=None):
 
 
 def test_target_is_a_cache_target_with_the_dit_blocks(gen):
-    target = DiTCacheTarget(gen)
-    assert isinstance(target, CacheTarget)
+    video = isinstance(gen, DiTVideoGenerator)
+    t = "transformer." if video else ""
+    target = DiTCacheTarget(gen)  # whole blocks, in execution order (video: spatial 0, temporal 0, spatial 1, ...)
+    assert isinstance(target, CacheTarget) and target.blocks == "units"
     ctx = CacheContext(target, calibration_inputs=2)
-    assert ctx.names == [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn1", "ff")]
+    stacks = ("transformer_blocks", "temporal_transformer_blocks") if video else ("transformer_blocks",)
+    assert ctx.names == [f"{t}{s}.{i}" for i in range(2) for s in stacks]
+    assert {b.kind for b in ctx.blocks} == {"block"} and [b.layer for b in ctx.blocks] == list(range(len(ctx.names)))
+    # branches: the model's declaration (video) or bac's default patterns (image)
+    ctx = CacheContext(DiTCacheTarget(gen, blocks="branches"), calibration_inputs=2)
+    if video:
+        assert ctx.names == [n for i in range(2) for n in (
+            *(f"{t}transformer_blocks.{i}.{m}" for m in ("attn1", "attn2", "ff")),
+            *(f"{t}temporal_transformer_blocks.{i}.{m}" for m in ("attn1", "ff")))]
+    else:
+        assert ctx.names == [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn1", "ff")]
     assert ctx.signature.scheduler == "DDIMScheduler" and ctx.K == K
+    with pytest.raises(ValueError, match="blocks='layers' is not known"):
+        DiTCacheTarget(gen, blocks="layers")
 
 
 EVERYTHING = {"none": {}, "uniform": {"n_updates": K}, "bac": {"n_updates": K, "n_bubble": 1},
@@ -55,10 +81,11 @@ SKIPPING = {"uniform": {"n_updates": 2}, "bac": {"n_updates": 2, "n_bubble": 1},
             "taylorseer": {"interval": 3}}
 
 
-def test_compute_everything_is_exact_skipping_reuses_and_detach_is_exact(gen):
+@pytest.mark.parametrize("blocks", ["units", "branches"])
+def test_compute_everything_is_exact_skipping_reuses_and_detach_is_exact(gen, blocks):
     state = {k: v.clone() for k, v in gen.model.state_dict().items()}
     reference = _grid(gen)
-    ctx = CacheContext(DiTCacheTarget(gen), calibration_inputs=2)
+    ctx = CacheContext(DiTCacheTarget(gen, blocks=blocks), calibration_inputs=2)
     for method, knobs in EVERYTHING.items():
         engine = attach_to(ctx.target, build_cache(ctx, {**defaults(method), **knobs}))
         try:
@@ -81,7 +108,7 @@ def test_compute_everything_is_exact_skipping_reuses_and_detach_is_exact(gen):
 
 
 def test_guidance_is_one_batched_call(gen):
-    g = DiTImageGenerator(DiTImageConfig(**{**TINY.__dict__, "guidance_scale": 2.0}))
+    g = type(gen)(type(gen.config)(**{**gen.config.__dict__, "guidance_scale": 2.0}))
     g.model.load_state_dict(gen.model.state_dict())
     calls = []
     h = g.model.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0] if a else None))
@@ -89,26 +116,51 @@ def test_guidance_is_one_batched_call(gen):
         out = _grid(g)
     finally:
         h.remove()
-    assert len(calls) == K and out.shape == (4, 1, 8, 8)
+    assert calls == [8] * K and out.shape == (4, *gen.sample_shape)  # 4 conditional + 4 unconditional
     assert not torch.equal(out, _grid(gen))
 
 
 def test_save_load_round_trip_and_sha256_check(gen, tmp_path):
-    save_dit_image(gen, tmp_path, {"steps": 0})
-    loaded = load_dit_image(tmp_path, num_inference_steps=K)
+    kind = "image" if isinstance(gen, DiTImageGenerator) else "video"
+    save, load = KINDS[kind][2:]
+    save(gen, tmp_path, {"steps": 0})
+    loaded = load(tmp_path, num_inference_steps=K)
     assert torch.equal(_grid(loaded), _grid(gen))
     with pytest.raises(ValueError, match="cannot be overridden"):
-        load_dit_image(tmp_path, num_layers=3)
+        load(tmp_path, num_layers=3)
+    other = load_dit_video if kind == "image" else load_dit_image
+    with pytest.raises(ValueError, match="a checkpoint of another backend"):
+        other(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_layers": 3}))
     with pytest.raises(ValueError, match="config.json does not match the sha256"):
-        load_dit_image(tmp_path)
-    save_dit_image(gen, tmp_path)
+        load(tmp_path)
+    save(gen, tmp_path)
     with open(tmp_path / "model.safetensors", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\x00\x01\x02\x03")
     with pytest.raises(ValueError, match="model.safetensors does not match the sha256"):
-        load_dit_image(tmp_path)
+        load(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="train one with `python eval/train_dit.py"):
+        load(tmp_path)
+
+
+def test_moving_digit_clips():
+    (x, y), _ = load_digits_split(4)
+    clips = make_clips(x[:50], frames=6, canvas=10, generator=torch.Generator().manual_seed(0))
+    assert clips.shape == (50, 1, 6, 10, 10) and clips.min() >= -1 and clips.max() <= 1
+    for i in range(50):
+        bright = clips[i, 0] > -1  # (F, S, S): where the digit is
+        ys = [int(torch.nonzero(bright[f].any(1))[0]) for f in range(6) if bright[f].any()]
+        xs = [int(torch.nonzero(bright[f].any(0))[0]) for f in range(6) if bright[f].any()]
+        assert len(ys) == 6 and (len(set(ys)) > 1 or len(set(xs)) > 1), i  # the digit is in every frame and moves
+        assert all(abs(a - b) <= 2 for a, b in zip(ys, ys[1:])) and all(abs(a - b) <= 2 for a, b in zip(xs, xs[1:]))
+    # every frame holds the digit's pixels unchanged (placed at integer offsets, never clipped)
+    assert torch.allclose(torch.sort(clips[:, :, 0].flatten(1), 1).values[:, -16:],
+                          torch.sort(x[:50].flatten(1), 1).values)
+    with pytest.raises(ValueError, match="does not fit"):
+        make_clips(x[:2], 3, 3, torch.Generator())
 
 
 def test_digits_split_and_classifier_metrics(tmp_path):
@@ -123,6 +175,10 @@ def test_digits_split_and_classifier_metrics(tmp_path):
     a = rng.normal(size=(500, 4))
     assert abs(frechet_distance(a, a)) < 1e-9
     assert frechet_distance(a, a + 1.0) == pytest.approx(4.0, rel=1e-6)  # mean shift of 1 in 4 dimensions
+    same = paired_change(clf, xt[:60], xt[:60], yt[:60], xt[60:])
+    assert same == {"accuracy": 0.0, "accuracy_se": 0.0, "fd": 0.0, "fd_se": 0.0}
+    moved = paired_change(clf, torch.roll(xt[:60], 2, -1), xt[:60], yt[:60], xt[60:])
+    assert moved["fd"] > 0 and moved["fd_se"] > 0
     save_classifier(clf, tmp_path)
     assert torch.equal(load_classifier(tmp_path)(xt[:5]), clf(xt[:5]))
 
@@ -138,18 +194,28 @@ def test_generate_end_to_end_on_a_tiny_checkpoint(gen, tmp_path):
     from eval.generate import generate
     from tests.conftest import compose_cfg
 
+    video = isinstance(gen, DiTVideoGenerator)
     ckpt = tmp_path / "ckpt"
     torch.manual_seed(0)
-    files = save_classifier(DigitClassifier(ClassifierConfig(image_size=8)).eval(), ckpt)
-    save_dit_image(gen, ckpt, {"steps": 0}, extra_files=tuple(files))
-    cfg = compose_cfg("backend=dit_image", "cache=bac", "cache.n_updates=2", f"backend.checkpoint={ckpt}",
-                      f"backend.num_inference_steps={K}", "backend.n_calibration=2", "generate.n_per_class=2",
-                      "generate.timing_rounds=1", config_name="generate")
+    files = save_classifier(DigitClassifier(ClassifierConfig(image_size=gen.sample_shape[-1])).eval(), ckpt)
+    KINDS["video" if video else "image"][2](gen, ckpt, {"steps": 0}, extra_files=tuple(files))
+    cfg = compose_cfg(f"backend=dit_{'video' if video else 'image'}", "cache=bac", "cache.n_updates=2",
+                      f"backend.checkpoint={ckpt}", f"backend.num_inference_steps={K}", "backend.n_calibration=2",
+                      "backend.timing_batches=[1,2]", "generate.n_per_class=2", "generate.timing_rounds=1",
+                      config_name="generate")
     summary = generate(cfg, tmp_path / "out")
-    assert (tmp_path / "out" / "grid.png").exists()
+    assert (tmp_path / "out" / "grid.png").exists() and (tmp_path / "out" / "grid.gif").exists() == video
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     for key in ("speedup", "flops_ratio", "psnr_db", "ssim", "rel_l2", "latency_ms", "classifier"):
         assert key in saved, key
-    assert saved["flops_ratio"] < 1 and summary["n_images"] == 20
-    assert set(saved["classifier"]) == {"uncached", "cached", "fd_real_train"}
-    assert (ckpt / "calibration" / f"DDIMScheduler_K{K}_n2.npz").exists()
+    assert set(saved["speedup"]) == set(saved["latency_ms"]) == {"1", "2"}
+    assert saved["flops_ratio"] < 1 and summary["n_samples"] == 20 and saved["sample_shape"] == list(gen.sample_shape)
+    assert set(saved["classifier"]) == {"uncached", "cached", "fd_real_train", "change"}
+    change = saved["classifier"]["change"]
+    assert change["fd"] == pytest.approx(saved["classifier"]["cached"]["fd"] - saved["classifier"]["uncached"]["fd"])
+    assert (ckpt / "calibration" / f"DDIMScheduler_K{K}_n2_units.npz").exists()
+    cfg.backend.blocks = "branches"  # another granularity: its own calibration file
+    generate(cfg, tmp_path / "out2")
+    assert (ckpt / "calibration" / f"DDIMScheduler_K{K}_n2_branches.npz").exists()
+    with pytest.raises(ValueError, match="unknown backend 'dit_audio'"):
+        generate(compose_cfg("backend=dit_image", "backend.name=dit_audio", config_name="generate"), tmp_path / "x")
