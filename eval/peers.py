@@ -141,7 +141,8 @@ class PABConfig(Knobs):
         blocks = (r"^(transformer_)?blocks\.",)
         apply_pyramid_attention_broadcast(p.model, PyramidAttentionBroadcastConfig(
             **asdict(self), spatial_attention_block_identifiers=blocks, cross_attention_block_identifiers=blocks,
-            temporal_attention_block_identifiers=(r"^temporal_transformer_blocks\.",), current_timestep_callback=p.timestep))
+            temporal_attention_block_identifiers=(r"^temporal_transformer_blocks\.",),
+            current_timestep_callback=p.timestep))
 
 
 @dataclass
@@ -411,8 +412,14 @@ PEERS: dict[str, Callable[[Mapping, nn.Module, Callable[[], None] | None], Peer]
 
 
 def build_peer(cfg: Mapping, model: nn.Module, calibrate: Callable[[], None] | None = None) -> Peer:
-    """The peer ``cfg["name"]`` with ``cfg``'s other keys as its knobs, for ``model`` (a diffusers transformer);
-    ``calibrate`` runs one uncached sample (MagCache calibrates on it)."""
+    """The peer ``cfg["name"]`` with ``cfg``'s other keys as its knobs, for ``model``: a diffusers transformer, or a
+    module holding one (the outermost is used; dit_video wraps Latte); ``calibrate`` runs one uncached sample
+    (MagCache calibrates on it)."""
+    from diffusers import ModelMixin
+
     if cfg.get("name") not in PEERS:
         raise ValueError(f"unknown peer {cfg.get('name')!r}; known peers: {list(PEERS)}")
-    return PEERS[cfg["name"]](cfg, model, calibrate)
+    inner = next((m for m in model.modules() if isinstance(m, ModelMixin)), None)
+    if inner is None:
+        raise NotApplicable(f"{cfg['name']}: {type(model).__name__} holds no diffusers model")
+    return PEERS[cfg["name"]](cfg, inner, calibrate)

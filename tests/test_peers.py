@@ -253,3 +253,41 @@ def test_engine_and_peer_refuse_each_other(name):
         engine.detach()
     peer.apply()
     peer.remove()
+
+
+@pytest.mark.parametrize("kind,overrides", [
+    ("image", ["cache=fewer_steps", "cache.num_inference_steps=3"]),
+    ("image", ["cache=diffusers_magcache"]),  # calibrates on generate's calibrate callable
+    ("video", ["cache=diffusers_pab", "cache.temporal_attention_block_skip_range=2"]),
+])
+def test_generate_runs_a_peer_in_place_of_the_engine(kind, overrides, tmp_path):
+    pytest.importorskip("sklearn")
+    from backends.digit_classifier import ClassifierConfig, DigitClassifier, save_classifier
+    from backends.dit_image import DiTImageConfig, DiTImageGenerator, save_dit_image
+    from backends.dit_video import DiTVideoConfig, DiTVideoGenerator, save_dit_video
+    from eval.generate import generate
+    from tests.conftest import compose_cfg
+
+    torch.manual_seed(0)
+    small = dict(patch_size=2, num_layers=2, num_heads=2, head_dim=8, num_inference_steps=6)
+    if kind == "image":
+        gen, save = DiTImageGenerator(DiTImageConfig(image_size=8, **small)), save_dit_image
+    else:
+        gen = DiTVideoGenerator(DiTVideoConfig(frames=3, canvas=8, digit=4, caption_dim=8, **small))
+        save = save_dit_video
+    _perturbed(gen.model)
+    ckpt = tmp_path / "ckpt"
+    files = save_classifier(DigitClassifier(ClassifierConfig(image_size=gen.sample_shape[-1])).eval(), ckpt)
+    save(gen, ckpt, {"steps": 0}, extra_files=tuple(files))
+    cfg = compose_cfg(f"backend=dit_{kind}", *overrides, f"backend.checkpoint={ckpt}", "backend.num_inference_steps=6",
+                      "backend.timing_batches=[1]", "generate.n_per_class=1", "generate.timing_rounds=1",
+                      config_name="generate")
+    summary = generate(cfg, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "engine" not in saved and set(saved["speedup"]) == {"1"} and summary["n_samples"] == 10
+    steps = saved["peer"]["num_inference_steps"]
+    assert saved["flops_ratio"] == pytest.approx(saved["peer"]["block_fraction"] * steps / 6)
+    if overrides[0] == "cache=fewer_steps":
+        assert steps == 3 and saved["flops_ratio"] == 0.5 and saved["psnr_db"] < 100
+    if overrides[0] == "cache=diffusers_magcache":
+        assert len(saved["peer"]["mag_ratios"]) == 6
