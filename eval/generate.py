@@ -3,6 +3,7 @@
     python eval/generate.py backend=dit_image cache=bac
     python eval/generate.py backend=dit_image cache=uniform cache.n_updates=10 backend.num_inference_steps=50
     python eval/generate.py backend=dit_video cache=bac
+    python eval/generate.py backend=dit_image cache=diffusers_fbcache cache.threshold=0.1   # a peer (eval/peers.py)
 
 Writes to the hydra run folder ``grid.png`` (one row per class: the uncached samples | the cached ones; for
 video, one clip per class with its frames side by side) and, for video, ``grid.gif`` (the whole grid, animated),
@@ -11,7 +12,9 @@ and ``summary.json``: latency of both at each of ``backend.timing_batches`` (int
 samples against the uncached ones (per image; per frame for video); and, for both grids, the accuracy of the
 checkpoint's digit classifier on the class asked for (per frame for video) and the Fréchet distance of its
 features against real test digits (``fd_real_train`` is that distance for real training digits: the floor).
-Calibrated methods use ``<checkpoint>/calibration/``, made on first use.
+Calibrated methods use ``<checkpoint>/calibration/``, made on first use. A peer (``cache=<name in eval.peers.PEERS>``)
+runs instead of the engine, applied and removed around each cached call; its FLOPs ratio is its block fraction
+(attention/FF work computed) times its steps over K.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from backends.digit_classifier import feature_fd, load_classifier, paired_change
 from backends.generator import GeneratorCacheTarget  # noqa: E402
 from backends.image_metrics import psnr, rel_l2, ssim  # noqa: E402
 from eval.common import device_name, pick_device, resolve_path, write_atomic  # noqa: E402
+from eval.peers import PEERS, build_peer  # noqa: E402
 
 
 def grid_image(left: torch.Tensor, right: torch.Tensor, rows: int, scale: int) -> np.ndarray:
@@ -82,20 +86,41 @@ def generate(cfg: DictConfig, out: Path) -> dict:
         raise ValueError(f"backend.timing_batches must list batch sizes >= 1, got {batches}")
     target = GeneratorCacheTarget(gen, ckpt, n_calibration=int(b.n_calibration), blocks=str(b.blocks))
     cache_cfg = OmegaConf.to_container(cfg.cache, resolve=True)
-    cache = build_cache(target, cache_cfg)
     C = gen.config.num_classes
+    peer = cache = None
+    if cache_cfg["name"] in PEERS:  # MagCache calibrates on one uncached sample, one per class
+        peer = build_peer(cache_cfg, gen.model, calibrate=lambda: gen.sample(
+            torch.arange(C), generator=torch.Generator().manual_seed(int(g.seed) + 3)))
+    else:
+        cache = build_cache(target, cache_cfg)
     labels = torch.arange(C).repeat_interleave(int(g.n_per_class))  # (C * n_per_class,), row c: class c
     noise = gen.noise(len(labels), torch.Generator().manual_seed(int(g.seed)))
     gen_kw = dict(generator=torch.Generator().manual_seed(int(g.seed) + 1))  # DDPM's step noise
 
     ref = gen.sample(labels, noise=noise, **gen_kw).cpu()
     gen_kw = dict(generator=torch.Generator().manual_seed(int(g.seed) + 1))
-    engine = attach_to(target, cache, profile=True)
-    try:
-        cached = gen.sample(labels, noise=noise, cursor=engine, **gen_kw).cpu()
-        flops_ratio, stats = engine.flops_ratio(), engine.stats()
-    finally:
-        engine.detach()
+    if peer is not None:
+        peer.apply()
+        try:
+            with peer.call_context():
+                cached = gen.sample(labels, noise=noise, num_inference_steps=peer.num_inference_steps, **gen_kw).cpu()
+            steps, fraction = peer.num_inference_steps or gen.config.num_inference_steps, peer.block_fraction()
+        finally:
+            peer.remove()
+        flops_ratio = None if fraction is None else fraction * steps / gen.config.num_inference_steps
+        stats = {"block_fraction": fraction, "num_inference_steps": steps,
+                 **({"mag_ratios": peer.ratios} if getattr(peer, "ratios", None) is not None else {})}
+    else:
+        engine = attach_to(target, cache, profile=True)
+        try:
+            cached = gen.sample(labels, noise=noise, cursor=engine, **gen_kw).cpu()
+            flops_ratio, stats = engine.flops_ratio(), engine.stats()
+        finally:
+            engine.detach()
+
+    def peer_sample(y, x):
+        with peer.call_context():
+            return gen.sample(y, noise=x, num_inference_steps=peer.num_inference_steps)
 
     # latency at each batch size, interleaved; the cache is attached and detached off the clock
     state, configs = {}, []
@@ -108,6 +133,9 @@ def generate(cfg: DictConfig, out: Path) -> dict:
                 f"cache@{nb}", lambda r, x=t_noise, y=t_labels: gen.sample(y, noise=x, cursor=state["engine"]),
                 before=lambda r: state.__setitem__("engine", attach_to(target, cache)),
                 after=lambda r: state.pop("engine").detach()))
+        elif peer is not None:  # applied and removed off the clock, like the engine
+            configs.append(Timed(f"cache@{nb}", lambda r, x=t_noise, y=t_labels: peer_sample(y, x),
+                                 before=lambda r: peer.apply(), after=lambda r: peer.remove()))
     times = time_interleaved(configs, int(g.timing_rounds), 2, device_sync(device))
     latency, speedup = {}, {}
     for nb in batches:
@@ -137,7 +165,8 @@ def generate(cfg: DictConfig, out: Path) -> dict:
         "threads": int(cfg.threads), "timing_rounds": int(g.timing_rounds),
         "latency_ms": latency, "speedup": speedup, "flops_ratio": flops_ratio,
         "psnr_db": psnr(cached_img, ref_img), "ssim": ssim(cached_img, ref_img), "rel_l2": rel_l2(cached, ref),
-        "classifier": dist, "engine": {k: v for k, v in stats.items() if k != "blocks"},
+        "classifier": dist,
+        "peer" if peer is not None else "engine": {k: v for k, v in stats.items() if k != "blocks"},
     }
     out.mkdir(parents=True, exist_ok=True)
     write_grids(out, gen, ref, cached, C, int(g.scale))
@@ -145,7 +174,8 @@ def generate(cfg: DictConfig, out: Path) -> dict:
     acc = {k: round(v["accuracy"], 3) for k, v in dist.items() if isinstance(v, dict)}
     fd = {k: round(v["fd"], 2) for k, v in dist.items() if isinstance(v, dict)}
     speed = ", ".join(f"{v:.2f}x at batch {k}" for k, v in speedup.items())
-    print(f"{cache_cfg['name']}: {speed}, FLOPs {flops_ratio:.3f}, PSNR {summary['psnr_db']:.1f} dB, "
+    flops = "?" if flops_ratio is None else f"{flops_ratio:.3f}"
+    print(f"{cache_cfg['name']}: {speed}, FLOPs {flops}, PSNR {summary['psnr_db']:.1f} dB, "
           f"SSIM {summary['ssim']:.3f}, rel-L2 {summary['rel_l2']:.3f}, accuracy {acc}, "
           f"FD {fd} -> {out}")
     return summary
