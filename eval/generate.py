@@ -73,75 +73,120 @@ def write_grids(out: Path, gen, ref: torch.Tensor, cached: torch.Tensor, rows: i
     iio.imwrite(out / "grid.gif", np.stack(frames), duration=200, loop=0)
 
 
+class Method:
+    """What a cached sampling call runs with: an engine cache on ``target`` (``cache`` None: the engine computes
+    everything) or a peer (``eval.peers``). ``start``/``stop`` attach and detach it (off the clock when timed)."""
+
+    def __init__(self, target: GeneratorCacheTarget, cache=None, peer=None):
+        self.target, self.cache, self.peer, self.engine = target, cache, peer, None
+
+    def start(self, profile: bool = False) -> None:
+        if self.peer is not None:
+            self.peer.apply()
+        else:
+            self.engine = attach_to(self.target, self.cache, profile=profile)
+
+    def stop(self) -> None:
+        if self.peer is not None:
+            self.peer.remove()
+        else:
+            self.engine, engine = None, self.engine
+            engine.detach()
+
+    def sample(self, gen, labels: torch.Tensor, noise: torch.Tensor, **kw) -> torch.Tensor:
+        if self.peer is None:
+            return gen.sample(labels, noise=noise, cursor=self.engine, **kw)
+        with self.peer.call_context():
+            return gen.sample(labels, noise=noise, num_inference_steps=self.peer.num_inference_steps, **kw)
+
+    def stats(self, gen) -> tuple[float | None, dict]:
+        """(FLOPs ratio, what the run did) after a sample between ``start(profile=True)`` and ``stop``."""
+        if self.peer is None:
+            return self.engine.flops_ratio(), self.engine.stats()
+        K = gen.config.num_inference_steps
+        steps, fraction = self.peer.num_inference_steps or K, self.peer.block_fraction()
+        ratios = getattr(self.peer, "ratios", None)
+        return (None if fraction is None else fraction * steps / K,
+                {"block_fraction": fraction, "num_inference_steps": steps,
+                 **({"mag_ratios": ratios} if ratios is not None else {})})
+
+
+def load_backend(b, device, blocks: str | None = None, gen=None):
+    """(generator, cache target) of backend config ``b`` (a ``configs/backend`` mapping); ``gen`` reuses a loaded
+    generator with another block granularity."""
+    _, load = backend(str(b["name"]))
+    ckpt = resolve_path(str(b["checkpoint"]))
+    if gen is None:
+        gen = load(ckpt, scheduler=b["scheduler"], num_inference_steps=int(b["num_inference_steps"]),
+                   guidance_scale=float(b["guidance_scale"])).to(device)
+    return gen, GeneratorCacheTarget(gen, ckpt, n_calibration=int(b["n_calibration"]), blocks=str(blocks or b["blocks"]))
+
+
+def make_method(cache_cfg: dict, target: GeneratorCacheTarget, seed: int = 0) -> Method:
+    """An engine cache (``bac.methods``) or a peer (``eval.peers``; MagCache calibrates on one uncached sample
+    of one image per class) from a ``configs/cache`` mapping."""
+    gen = target.gen
+    if cache_cfg["name"] in PEERS:
+        C = gen.config.num_classes
+        return Method(target, peer=build_peer(cache_cfg, gen.model, calibrate=lambda: gen.sample(
+            torch.arange(C), generator=torch.Generator().manual_seed(seed + 3))))
+    return Method(target, cache=build_cache(target, cache_cfg))
+
+
+def timing_inputs(gen, nb: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The labels (classes 0, 1, ... cycling) and noise of a timed batch of ``nb``."""
+    return torch.arange(nb) % gen.config.num_classes, gen.noise(nb, torch.Generator().manual_seed(seed + 2))
+
+
+def timed_sampling(label: str, gen, method: Method | None, labels: torch.Tensor, noise: torch.Tensor) -> Timed:
+    """One ``bac.timing.Timed`` entry: uncached sampling (``method`` None) or with ``method`` started before and
+    stopped after each timed call, off the clock."""
+    if method is None:
+        return Timed(label, lambda r: gen.sample(labels, noise=noise))
+    return Timed(label, lambda r: method.sample(gen, labels, noise), before=lambda r: method.start(),
+                 after=lambda r: method.stop())
+
+
 def generate(cfg: DictConfig, out: Path) -> dict:
     torch.set_num_threads(int(cfg.threads))
     b, g = cfg.backend, cfg.generate
-    _, load = backend(str(b.name))
     device = pick_device(str(cfg.device))
-    ckpt = resolve_path(str(b.checkpoint))
-    gen = load(ckpt, scheduler=b.scheduler, num_inference_steps=int(b.num_inference_steps),
-               guidance_scale=float(b.guidance_scale)).to(device)
     batches = [int(x) for x in b.timing_batches]
     if not batches or min(batches) < 1:
         raise ValueError(f"backend.timing_batches must list batch sizes >= 1, got {batches}")
-    target = GeneratorCacheTarget(gen, ckpt, n_calibration=int(b.n_calibration), blocks=str(b.blocks))
+    if int(g.timing_rounds) < 0:
+        raise ValueError(f"generate.timing_rounds must be >= 0 (0: no timing), got {g.timing_rounds}")
+    gen, target = load_backend(b, device)
+    ckpt = resolve_path(str(b.checkpoint))
     cache_cfg = OmegaConf.to_container(cfg.cache, resolve=True)
     C = gen.config.num_classes
-    peer = cache = None
-    if cache_cfg["name"] in PEERS:  # MagCache calibrates on one uncached sample, one per class
-        peer = build_peer(cache_cfg, gen.model, calibrate=lambda: gen.sample(
-            torch.arange(C), generator=torch.Generator().manual_seed(int(g.seed) + 3)))
-    else:
-        cache = build_cache(target, cache_cfg)
+    method = make_method(cache_cfg, target, int(g.seed))
     labels = torch.arange(C).repeat_interleave(int(g.n_per_class))  # (C * n_per_class,), row c: class c
     noise = gen.noise(len(labels), torch.Generator().manual_seed(int(g.seed)))
-    gen_kw = dict(generator=torch.Generator().manual_seed(int(g.seed) + 1))  # DDPM's step noise
+    step_noise = lambda: dict(generator=torch.Generator().manual_seed(int(g.seed) + 1))  # noqa: E731  DDPM's
 
-    ref = gen.sample(labels, noise=noise, **gen_kw).cpu()
-    gen_kw = dict(generator=torch.Generator().manual_seed(int(g.seed) + 1))
-    if peer is not None:
-        peer.apply()
-        try:
-            with peer.call_context():
-                cached = gen.sample(labels, noise=noise, num_inference_steps=peer.num_inference_steps, **gen_kw).cpu()
-            steps, fraction = peer.num_inference_steps or gen.config.num_inference_steps, peer.block_fraction()
-        finally:
-            peer.remove()
-        flops_ratio = None if fraction is None else fraction * steps / gen.config.num_inference_steps
-        stats = {"block_fraction": fraction, "num_inference_steps": steps,
-                 **({"mag_ratios": peer.ratios} if getattr(peer, "ratios", None) is not None else {})}
-    else:
-        engine = attach_to(target, cache, profile=True)
-        try:
-            cached = gen.sample(labels, noise=noise, cursor=engine, **gen_kw).cpu()
-            flops_ratio, stats = engine.flops_ratio(), engine.stats()
-        finally:
-            engine.detach()
-
-    def peer_sample(y, x):
-        with peer.call_context():
-            return gen.sample(y, noise=x, num_inference_steps=peer.num_inference_steps)
+    ref = gen.sample(labels, noise=noise, **step_noise()).cpu()
+    method.start(profile=True)
+    try:
+        cached = method.sample(gen, labels, noise, **step_noise()).cpu()
+        flops_ratio, stats = method.stats(gen)
+    finally:
+        method.stop()
 
     # latency at each batch size, interleaved; the cache is attached and detached off the clock
-    state, configs = {}, []
-    for nb in batches:
-        t_labels = labels[torch.linspace(0, len(labels) - 1, nb).long()]
-        t_noise = gen.noise(nb, torch.Generator().manual_seed(int(g.seed) + 2))
-        configs.append(Timed(f"none@{nb}", lambda r, x=t_noise, y=t_labels: gen.sample(y, noise=x)))
-        if cache is not None:
-            configs.append(Timed(
-                f"cache@{nb}", lambda r, x=t_noise, y=t_labels: gen.sample(y, noise=x, cursor=state["engine"]),
-                before=lambda r: state.__setitem__("engine", attach_to(target, cache)),
-                after=lambda r: state.pop("engine").detach()))
-        elif peer is not None:  # applied and removed off the clock, like the engine
-            configs.append(Timed(f"cache@{nb}", lambda r, x=t_noise, y=t_labels: peer_sample(y, x),
-                                 before=lambda r: peer.apply(), after=lambda r: peer.remove()))
-    times = time_interleaved(configs, int(g.timing_rounds), 2, device_sync(device))
     latency, speedup = {}, {}
-    for nb in batches:
-        none, cached_t = times[f"none@{nb}"], times.get(f"cache@{nb}", times[f"none@{nb}"])
-        latency[str(nb)] = {"none": latency_stats(none), "cache": latency_stats(cached_t)}
-        speedup[str(nb)] = float(np.median(none) / np.median(cached_t))
+    if int(g.timing_rounds) > 0:
+        configs = []
+        for nb in batches:
+            t_labels, t_noise = timing_inputs(gen, nb, int(g.seed))
+            configs.append(timed_sampling(f"none@{nb}", gen, None, t_labels, t_noise))
+            if method.cache is not None or method.peer is not None:
+                configs.append(timed_sampling(f"cache@{nb}", gen, method, t_labels, t_noise))
+        times = time_interleaved(configs, int(g.timing_rounds), 2, device_sync(device))
+        for nb in batches:
+            none, cached_t = times[f"none@{nb}"], times.get(f"cache@{nb}", times[f"none@{nb}"])
+            latency[str(nb)] = {"none": latency_stats(none), "cache": latency_stats(cached_t)}
+            speedup[str(nb)] = float(np.median(none) / np.median(cached_t))
 
     dist = {}
     if (ckpt / "classifier.json").exists():
@@ -166,14 +211,14 @@ def generate(cfg: DictConfig, out: Path) -> dict:
         "latency_ms": latency, "speedup": speedup, "flops_ratio": flops_ratio,
         "psnr_db": psnr(cached_img, ref_img), "ssim": ssim(cached_img, ref_img), "rel_l2": rel_l2(cached, ref),
         "classifier": dist,
-        "peer" if peer is not None else "engine": {k: v for k, v in stats.items() if k != "blocks"},
+        "peer" if method.peer is not None else "engine": {k: v for k, v in stats.items() if k != "blocks"},
     }
     out.mkdir(parents=True, exist_ok=True)
     write_grids(out, gen, ref, cached, C, int(g.scale))
     write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
     acc = {k: round(v["accuracy"], 3) for k, v in dist.items() if isinstance(v, dict)}
     fd = {k: round(v["fd"], 2) for k, v in dist.items() if isinstance(v, dict)}
-    speed = ", ".join(f"{v:.2f}x at batch {k}" for k, v in speedup.items())
+    speed = ", ".join(f"{v:.2f}x at batch {k}" for k, v in speedup.items()) or "not timed"
     flops = "?" if flops_ratio is None else f"{flops_ratio:.3f}"
     print(f"{cache_cfg['name']}: {speed}, FLOPs {flops}, PSNR {summary['psnr_db']:.1f} dB, "
           f"SSIM {summary['ssim']:.3f}, rel-L2 {summary['rel_l2']:.3f}, accuracy {acc}, "

@@ -42,7 +42,7 @@ def bench(folder: Path, rounds: int, threads: int = 1, device: str = "cpu", seed
     b = rows[0]["summary"]["backend"]
     batches = sorted({int(x) for r in rows for x in r["summary"]["backend"]["timing_batches"]})
     dev = pick_device(device)
-    gen, targets = load_backend(b, dev), {}
+    gen, targets = load_backend(b, dev)[0], {}
     configs = []
     for nb in batches:
         labels, noise = timing_inputs(gen, nb, seed)

@@ -217,5 +217,18 @@ def test_generate_end_to_end_on_a_tiny_checkpoint(gen, tmp_path):
     cfg.backend.blocks = "branches"  # another granularity: its own calibration file
     generate(cfg, tmp_path / "out2")
     assert (ckpt / "calibration" / f"DDIMScheduler_K{K}_n2_branches.npz").exists()
+    cfg.cache, cfg.generate.timing_rounds = compose_cfg("cache=none", config_name="generate").cache, 0
+    untimed = generate(cfg, tmp_path / "runs" / "none")
+    assert untimed["speedup"] == {} and untimed["latency_ms"] == {} and untimed["psnr_db"] == 100.0
+    # every run re-timed back to back; the report takes those speedups
+    from eval.generate_bench import bench
+    from eval.generate_report import load
+
+    for name in ("out", "out2"):
+        (tmp_path / name).rename(tmp_path / "runs" / name)
+    timed = bench(tmp_path / "runs", rounds=1)
+    assert set(timed["speedup"]) == {"1", "2"} and set(timed["speedup"]["1"]) == {"out", "out2"}
+    rows = {r["row"]: r for r in load([tmp_path / "runs"])}
+    assert rows["out2"]["speedup"][2] == timed["speedup"]["2"]["out2"] and rows["none"]["speedup"] == {1: 1.0, 2: 1.0}
     with pytest.raises(ValueError, match="unknown backend 'dit_audio'"):
         generate(compose_cfg("backend=dit_image", "backend.name=dit_audio", config_name="generate"), tmp_path / "x")
