@@ -5,7 +5,8 @@
 
 Per row: speedup at each timed batch size (against ``cache=none`` in the same process), FLOPs ratio, PSNR,
 SSIM and rel-L2 against the uncached samples from identical noise, and the digit classifier's accuracy and
-Fréchet distance (FD) of the cached samples. Rows are engine methods (``bac.methods``) or peers (another
+Fréchet distance (FD) of the cached samples, and their change against the uncached samples with paired standard
+errors ("same dist.": both changes within 2 se). Rows are engine methods (``bac.methods``) or peers (another
 library's cache, or fewer sampler steps: what a user would pick instead). ``front`` marks the rows no other
 row beats in both speedup (at the largest batch) and PSNR; under the table, each peer is compared with the
 best engine row at no lower PSNR. The plot puts speedup against PSNR, accuracy and FD.
@@ -68,7 +69,7 @@ def table(rows: list[dict]) -> str:
     top = batches[-1]
     on_front = front(rows, top)
     head = (["row", "kind", *(f"speedup b{b}" for b in batches), "FLOPs", "PSNR dB", "SSIM", "rel-L2", "acc", "FD",
-             f"front (b{top})"])
+             "Δacc ± se", "ΔFD ± se", "same dist.", f"front (b{top})"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (is_peer(r), -r["speedup"][top])):
         s = r["summary"]
@@ -76,7 +77,7 @@ def table(rows: list[dict]) -> str:
         lines.append("| " + " | ".join([
             r["row"], "peer" if is_peer(r) else "engine", *(f"{r['speedup'][b]:.2f}x" for b in batches),
             f"{s['flops_ratio']:.3f}", f"{s['psnr_db']:.1f}", f"{s['ssim']:.3f}", f"{s['rel_l2']:.3f}",
-            f"{c.get('accuracy', float('nan')):.3f}", f"{c.get('fd', float('nan')):.2f}",
+            f"{c.get('accuracy', float('nan')):.3f}", f"{c.get('fd', float('nan')):.2f}", *change_cells(s),
             "*" if r["row"] in on_front else ""]) + " |")
     first = rows[0]["summary"]
     u = first.get("classifier", {})
@@ -90,6 +91,22 @@ def table(rows: list[dict]) -> str:
              f"(real training data: FD {u.get('fd_real_train', float('nan')):.2f})."]
     notes += [peer_line(rows, top, b) for b in batches]
     return "\n".join(lines + notes) + "\n"
+
+
+def within_noise(summary: dict) -> bool | None:
+    """Accuracy and FD both within 2 paired standard errors of the uncached samples' (None: not measured)."""
+    c = summary.get("classifier", {}).get("change")
+    if not c:
+        return None
+    return abs(c["accuracy"]) <= 2 * c["accuracy_se"] and abs(c["fd"]) <= 2 * c["fd_se"]
+
+
+def change_cells(summary: dict) -> list[str]:
+    c = summary.get("classifier", {}).get("change")
+    if not c:
+        return ["", "", ""]
+    same = within_noise(summary)
+    return [f"{c['accuracy']:+.3f} ± {c['accuracy_se']:.3f}", f"{c['fd']:+.2f} ± {c['fd_se']:.2f}", "yes" if same else "no"]
 
 
 def peer_line(rows: list[dict], top: int, batch: int) -> str:
