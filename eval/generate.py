@@ -82,7 +82,7 @@ class Method:
 
     def start(self, profile: bool = False) -> None:
         if self.peer is not None:
-            self.peer.apply()
+            self.peer.apply(count=profile)
         else:
             self.engine = attach_to(self.target, self.cache, profile=profile)
 

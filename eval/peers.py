@@ -256,15 +256,17 @@ class Peer:
         self._counts = [0] * len(self._units)
         self.calls, self._t, self._saved, self._handles = 0, None, None, []
 
-    def apply(self) -> None:
+    def apply(self, count: bool = True) -> None:
+        """Install the tool; with ``count``, also the hooks that count block calls for ``block_fraction`` (left
+        out of timed runs: the engine's timed runs carry no counters either)."""
         if self._saved is not None:
             raise RuntimeError(f"{self.name} is already applied; remove() it first")
         if any(getattr(v, _MARK, None) is not None for m in self.model.modules() for v in vars(m).values()):
             raise RuntimeError(f"a bac engine is attached to {type(self.model).__name__}; detach it before a peer")
-        self._saved = _snapshot(self.model)
+        self._saved, self._counting = _snapshot(self.model), count
         self._handles = [self.model.register_forward_pre_hook(self._on_call, with_kwargs=True)]
         counts = self._counts
-        for i, (leaf, _) in enumerate(self._units):
+        for i, (leaf, _) in enumerate(self._units if count else ()):
             self._handles.append(leaf.register_forward_pre_hook(lambda m, a, i=i: counts.__setitem__(i, counts[i] + 1)))
         try:
             with _quiet():
@@ -298,7 +300,10 @@ class Peer:
             self._end()
 
     def block_fraction(self) -> float | None:
-        """Parameter-weighted fraction of attention/FF calls computed in the last sample (None: none ran)."""
+        """Parameter-weighted fraction of attention/FF calls computed in the last sample (None: none ran, or it
+        ran applied with ``count=False``)."""
+        if not getattr(self, "_counting", False):
+            return None
         total = self.calls * sum(w for _, w in self._units)
         return sum(w * c for (_, w), c in zip(self._units, self._counts)) / total if total else None
 

@@ -291,3 +291,21 @@ def test_generate_runs_a_peer_in_place_of_the_engine(kind, overrides, tmp_path):
         assert steps == 3 and saved["flops_ratio"] == 0.5 and saved["psnr_db"] < 100
     if overrides[0] == "cache=diffusers_magcache":
         assert len(saved["peer"]["mag_ratios"]) == 6
+
+
+@pytest.mark.parametrize("name", ["diffusers_fbcache", "diffusers_taylorseer"])
+def test_timed_application_carries_no_counting_hooks(name):
+    """generate.py times a peer applied with count=False, like the engine's timed runs: same samples, no counters."""
+    cfg = {"name": name, **SKIP[name]}
+    model, sample, _ = tiny("dit")
+    out, _, _ = run("dit", cfg)
+    peer = build_peer(cfg, model, calibrate=sample)
+    peer.apply(count=False)
+    try:
+        leaves = [leaf for leaf, _ in peer._units]
+        assert not any(leaf._forward_pre_hooks for leaf in leaves)
+        with peer.call_context():
+            assert torch.equal(sample(peer.num_inference_steps), out)
+        assert peer.block_fraction() is None
+    finally:
+        peer.remove()
