@@ -66,9 +66,12 @@ def _imports(folder: str) -> dict[str, set[str]]:
 
 
 def test_floors():
-    ours = {"bac", "policies", "backends", "envs", "eval", "tests"}
+    ours = {"bac", "policies", "backends", "envs", "eval", "tests", "integrations"}
     for path, names in _imports("bac").items():
         assert not (names & ours) - {"bac"}, f"{path} imports {(names & ours) - {'bac'}}: bac/ is the ground floor"
     if (ROOT / "backends").exists():
         for path, names in _imports("backends").items():
             assert not names & {"policies", "envs", "eval"}, f"{path} imports {names & {'policies', 'envs', 'eval'}}"
+    for folder in ("bac", "policies", "backends"):  # lerobot is an optional extra behind integrations/lerobot
+        for path, names in _imports(folder).items():
+            assert not names & {"lerobot", "integrations"}, f"{path} imports {names & {'lerobot', 'integrations'}}"
