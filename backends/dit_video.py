@@ -32,10 +32,10 @@ class DiTVideoConfig:
     """What the weights compute (saved in config.json); the inference options are given at load time."""
 
     frames: int = 8
-    canvas: int = 32          # H = W of a frame
-    digit: int = 16           # pixels of the moving digit
+    canvas: int = 16          # H = W of a frame
+    digit: int = 8            # pixels of the moving digit (scikit-learn's digits are 8x8)
     in_channels: int = 1
-    patch_size: int = 4
+    patch_size: int = 2       # 4 pixels per token (patch 4 on a 32-pixel canvas left speckle after 1200 steps)
     num_layers: int = 3       # spatial blocks; as many temporal ones
     num_heads: int = 4
     head_dim: int = 32

@@ -41,7 +41,7 @@ def make_clips(digits: torch.Tensor, frames: int, canvas: int, generator: torch.
     return clips
 
 
-def load_clip_split(digit: int = 16, canvas: int = 32, frames: int = 8, seed: int = 0):
+def load_clip_split(digit: int = 8, canvas: int = 16, frames: int = 8, seed: int = 0):
     """Fixed clips of the train and test digits (the split of ``backends.digits``), motion seeded:
     ((train clips, labels), (test clips, labels)); the FD's real data."""
     (x_tr, y_tr), (x_te, y_te) = load_digits_split(digit)

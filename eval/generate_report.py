@@ -148,15 +148,16 @@ def plot(rows: list[dict], out: Path, title: str) -> Path:
             peer = is_peer(r)
             ax.scatter(r["speedup"][top], y, marker="s" if peer else "o", s=36,
                        color="tab:orange" if peer else ("tab:blue" if r["row"] in on_front else "tab:gray"))
-            ax.annotate(r["row"], (r["speedup"][top], y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            if r["row"] in on_front or r["method"] == "fewer_steps":  # the rest unlabelled: the table names them
+                ax.annotate(r["row"], (r["speedup"][top], y), fontsize=6, xytext=(3, 2), textcoords="offset points")
         if key == "psnr_db":
             ax.axhline(30, color="k", lw=0.6, ls=":")
             ax.axvline(3, color="k", lw=0.6, ls=":")
         ax.set_xlabel(f"speedup at batch {top} (vs uncached, same process)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_title(f"{title}: engine (circles; blue: Pareto front) and peers (orange squares)", fontsize=9,
-                      loc="left")
+    axes[0].set_title(f"{title}: engine (circles; blue: Pareto front) and peers (orange squares); labelled: the "
+                      "front and fewer steps", fontsize=8, loc="left")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=130)

@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     for flag in ARCH:
         p.add_argument("--" + flag.replace("_", "-"), type=int, default=None, help="default: the backend config's")
+    p.add_argument("--init", default=None, help="a checkpoint folder of the same backend and architecture to start "
+                   "from (its weights and its classifier; training continues from them)")
     p.add_argument("--classifier-epochs", type=int, default=None, help="default: 30 (image), 8 (video: 8x the images)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -68,9 +70,18 @@ def train(args) -> dict:
 
     # the classifier judges what the backend's samples look like: images, or the frames of clips
     g_clf = torch.Generator().manual_seed(args.seed)
-    clf_x, clf_y = gen.as_images(gen.training_batch(x, g_clf)), gen.image_labels(y)
-    epochs = args.classifier_epochs or (30 if len(clf_y) == len(y) else 8)
-    clf = train_classifier(clf_x, clf_y, epochs=epochs, seed=args.seed)
+    epochs = args.classifier_epochs or (30 if gen.sample_shape[1:] == x.shape[1:] else 8)
+    if args.init:  # continue: the weights and the classifier of a checkpoint of this backend and architecture
+        from backends.digit_classifier import load_classifier
+
+        init = backend(args.backend)[1](args.init)
+        if init.config != config:
+            raise SystemExit(f"--init {args.init} holds {init.config}, not the architecture asked for: {config}")
+        gen.model.load_state_dict(init.model.state_dict())
+        clf, epochs = load_classifier(args.init), 0
+    else:
+        clf_x, clf_y = gen.as_images(gen.training_batch(x, g_clf)), gen.image_labels(y)
+        clf = train_classifier(clf_x, clf_y, epochs=epochs, seed=args.seed)
     clf_acc = accuracy(clf, gen.as_images(real_test), gen.image_labels(y_test))
     print(f"classifier: test accuracy {clf_acc:.4f} ({len(y_test)} test samples)", flush=True)
 
@@ -111,7 +122,7 @@ def train(args) -> dict:
         "n_train": len(y), "n_test": len(y_test), "steps": step, "batch_size": args.batch_size, "lr": args.lr,
         "ema": args.ema, "threads": args.threads, "train_wall_s": round(time.time() - t0, 1),
         "total_wall_s": round(time.time() - t_start, 1), "final_loss": curve[-1]["loss"] if curve else None,
-        "loss_curve": curve, "classifier_test_accuracy": clf_acc, "classifier_epochs": epochs, "torch": torch.__version__,
+        "loss_curve": curve, "classifier_test_accuracy": clf_acc, "classifier_epochs": epochs, "init": args.init, "torch": torch.__version__,
     }
     out = Path(args.out or f"checkpoints/{args.backend}")
     extra = save_classifier(clf, out)
