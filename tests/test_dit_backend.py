@@ -232,3 +232,21 @@ def test_generate_end_to_end_on_a_tiny_checkpoint(gen, tmp_path):
     assert rows["out2"]["speedup"][2] == timed["speedup"]["2"]["out2"] and rows["none"]["speedup"] == {1: 1.0, 2: 1.0}
     with pytest.raises(ValueError, match="unknown backend 'dit_audio'"):
         generate(compose_cfg("backend=dit_image", "backend.name=dit_audio", config_name="generate"), tmp_path / "x")
+
+
+def test_train_dit_trains_a_tiny_checkpoint_and_continues_from_it(tmp_path):
+    from eval.train_dit import main
+
+    tiny = ["--image-size", "8", "--num-layers", "1", "--num-heads", "2", "--head-dim", "8", "--batch-size", "4",
+            "--classifier-epochs", "1", "--log-every", "1"]
+    first = main(["--out", str(tmp_path / "a"), "--steps", "2", *tiny])
+    assert first["steps"] == 2 and first["init"] is None and len(first["loss_curve"]) == 2
+    a = load_dit_image(tmp_path / "a")
+    again = main(["--out", str(tmp_path / "b"), "--steps", "1", "--init", str(tmp_path / "a"), *tiny])
+    assert again["init"] == str(tmp_path / "a") and again["classifier_epochs"] == 0
+    b = load_dit_image(tmp_path / "b")
+    assert a.config == b.config and not torch.equal(a.model.pos_embed.proj.weight, b.model.pos_embed.proj.weight)
+    assert torch.equal(load_classifier(tmp_path / "a").fc.weight, load_classifier(tmp_path / "b").fc.weight)
+    with pytest.raises(SystemExit, match="not the architecture asked for"):
+        main(["--out", str(tmp_path / "c"), "--steps", "1", "--init", str(tmp_path / "a"),
+              *tiny[:2], "--num-layers", "2", *tiny[4:]])
