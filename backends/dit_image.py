@@ -1,7 +1,7 @@
 """A class-conditional image DiT (diffusers ``DiTTransformer2DModel`` in pixel space) on the cache engine.
 
     gen = load_dit_image("checkpoints/dit_image", num_inference_steps=50)
-    target = DiTCacheTarget(gen, "checkpoints/dit_image")        # a bac.protocol.CacheTarget
+    target = GeneratorCacheTarget(gen, "checkpoints/dit_image")  # backends/generator.py: a bac.protocol.CacheTarget
     engine = bac.protocol.attach_to(target, bac.methods.build_cache(target, {"name": "bac", "n_updates": 10}))
     images = gen.sample(labels, noise=noise, cursor=engine)      # (B, 1, H, W) in [-1, 1]
 
@@ -21,14 +21,12 @@ from torch import nn
 
 from bac.blocks import BlockSpec
 from backends.digits import load_digits_split
-from backends.generator import (Generator, GeneratorCacheTarget, check_inference_options, load_generator,
-                                save_generator)
+from backends.generator import Generator, GeneratorConfig, load_generator, save_generator
 
 
 @dataclass(frozen=True)
-class DiTImageConfig:
-    """What the weights compute (saved in config.json); ``scheduler``, ``num_inference_steps`` and
-    ``guidance_scale`` are inference options, given at load time."""
+class DiTImageConfig(GeneratorConfig):
+    """The architecture (saved in config.json with ``GeneratorConfig``'s training fields)."""
 
     image_size: int = 16
     in_channels: int = 1
@@ -36,18 +34,11 @@ class DiTImageConfig:
     num_layers: int = 4
     num_heads: int = 4
     head_dim: int = 32
-    num_classes: int = 10
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
-    # inference options
-    scheduler: str = "ddim"
-    num_inference_steps: int = 50
-    guidance_scale: float = 1.0
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        check_inference_options(self)
+        super().__post_init__()
 
 
 class DiTImageGenerator(Generator):
@@ -84,5 +75,3 @@ def load_dit_image(directory: str | Path, **overrides) -> DiTImageGenerator:
     (``scheduler``, ``num_inference_steps``, ``guidance_scale``); None keeps the default."""
     return load_generator(DiTImageGenerator, directory, "python eval/train_dit.py", **overrides)
 
-
-DiTCacheTarget = GeneratorCacheTarget  # the name the image backend's users know

@@ -1,8 +1,8 @@
 """A class-conditional video DiT (diffusers ``LatteTransformer3DModel``: spatial and temporal transformer blocks
 alternating) in pixel space, on the cache engine; trained here on clips of moving digits.
 
-    gen = load_dit_video("checkpoints/dit_video", num_inference_steps=50)
-    target = DiTVideoCacheTarget(gen, "checkpoints/dit_video")   # a bac.protocol.CacheTarget
+    gen = load_dit_video("results/dit_video", num_inference_steps=50)  # a folder train_dit.py wrote
+    target = GeneratorCacheTarget(gen, "results/dit_video")  # backends/generator.py: a bac.protocol.CacheTarget
     clips = gen.sample(labels, noise=noise, cursor=engine)       # (B, 1, F, H, W) in [-1, 1]
 
 Latte is text-conditioned (cross-attention on caption tokens); here the caption is one learned token per class
@@ -22,14 +22,13 @@ from torch import nn
 
 from bac.blocks import BlockSpec
 from backends.digits import load_digits_split
-from backends.generator import (Generator, GeneratorCacheTarget, check_inference_options, load_generator,
-                                save_generator)
+from backends.generator import Generator, GeneratorConfig, load_generator, save_generator
 from backends.moving_digits import load_clip_split, make_clips
 
 
 @dataclass(frozen=True)
-class DiTVideoConfig:
-    """What the weights compute (saved in config.json); the inference options are given at load time."""
+class DiTVideoConfig(GeneratorConfig):
+    """The architecture (saved in config.json with ``GeneratorConfig``'s training fields)."""
 
     frames: int = 8
     canvas: int = 16          # H = W of a frame
@@ -41,13 +40,6 @@ class DiTVideoConfig:
     head_dim: int = 32
     caption_dim: int = 64     # the class token's width before Latte's caption projection
     label_dropout: float = 0.1
-    num_classes: int = 10
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
-    # inference options
-    scheduler: str = "ddim"
-    num_inference_steps: int = 50
-    guidance_scale: float = 1.0
 
     def __post_init__(self):
         if self.canvas % self.patch_size:
@@ -56,7 +48,7 @@ class DiTVideoConfig:
             raise ValueError(f"digit must be in (0, canvas={self.canvas}], got {self.digit}")
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
-        check_inference_options(self)
+        super().__post_init__()
 
 
 class LabelConditionedLatte(nn.Module):
@@ -131,5 +123,3 @@ def load_dit_video(directory: str | Path, **overrides) -> DiTVideoGenerator:
     """Load a checkpoint folder (sha256 checked); ``overrides`` set inference options (None keeps the default)."""
     return load_generator(DiTVideoGenerator, directory, "python eval/train_dit.py --backend dit_video", **overrides)
 
-
-DiTVideoCacheTarget = GeneratorCacheTarget

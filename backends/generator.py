@@ -11,7 +11,7 @@ Shapes: B samples; one sample is ``sample_shape`` ((C, H, W) for images, (C, F, 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -30,14 +30,27 @@ SCHEDULERS = ("ddim", "ddpm")
 INFERENCE_FIELDS = ("scheduler", "num_inference_steps", "guidance_scale")  # load-time options, not in config.json
 
 
-def check_inference_options(config) -> None:
-    """Raise on a bad ``scheduler``, ``num_inference_steps`` or ``guidance_scale`` (called by the configs)."""
-    if config.scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler {config.scheduler!r} is not known; known: {list(SCHEDULERS)}")
-    if not 1 <= config.num_inference_steps <= config.num_train_timesteps:
-        raise ValueError(f"num_inference_steps must be in [1, {config.num_train_timesteps}], got {config.num_inference_steps}")
-    if config.guidance_scale < 1:
-        raise ValueError(f"guidance_scale must be >= 1 (1: no guidance), got {config.guidance_scale}")
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """What every generator config holds besides its architecture: the classes, the training noise schedule, and
+    the inference options (``INFERENCE_FIELDS``: not saved in config.json, given at load time). A backend's
+    config subclasses it (frozen too) and calls ``super().__post_init__()``."""
+
+    num_classes: int = 10
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    # inference options
+    scheduler: str = "ddim"
+    num_inference_steps: int = 50
+    guidance_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler {self.scheduler!r} is not known; known: {list(SCHEDULERS)}")
+        if not 1 <= self.num_inference_steps <= self.num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be in [1, {self.num_train_timesteps}], got {self.num_inference_steps}")
+        if self.guidance_scale < 1:
+            raise ValueError(f"guidance_scale must be >= 1 (1: no guidance), got {self.guidance_scale}")
 
 
 def make_scheduler(config, kind: str | None = None):
@@ -49,8 +62,7 @@ def make_scheduler(config, kind: str | None = None):
 
 
 class Generator:
-    """A class-conditional epsilon-predicting DiT. Subclasses set ``Config`` (a frozen dataclass with
-    ``num_classes``, ``num_train_timesteps``, ``beta_schedule`` and the inference options) and implement
+    """A class-conditional epsilon-predicting DiT. Subclasses set ``Config`` (a ``GeneratorConfig``) and implement
     ``build``, ``sample_shape`` and, for non-image samples, ``as_images``."""
 
     Config: type

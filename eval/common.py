@@ -83,9 +83,13 @@ def load_bench_obs(policy, checkpoint: Path, n: int) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(z[k][:n]) for k in policy.config.obs_keys}
 
 
-def write_out(path: Path, md: str, section: str | None = None) -> None:
-    """Write ``md`` to ``path``; with ``section``, only between the file's ``<!-- section:start -->`` and
-    ``<!-- section:end -->`` lines, which must each occur once, in that order (the rest of the file stays)."""
+def write_out(path: Path | None, md: str, section: str | None = None) -> None:
+    """Write ``md`` to ``path`` (None: print it); with ``section``, only between the file's
+    ``<!-- section:start -->`` and ``<!-- section:end -->`` lines, which must each occur once, in that order
+    (the rest of the file stays)."""
+    if path is None:
+        print(md)
+        return
     if section is None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(md)

@@ -317,10 +317,7 @@ def main(argv=None) -> None:
             raise FileNotFoundError(f"{f} is missing: run `python eval/frontier.py ... frontier.phase=report` first")
         frontiers[d.name] = json.loads(f.read_text())
     md = tasks_table(frontiers)
-    if a.out:
-        write_out(Path(a.out), md, a.section)
-    else:
-        print(md)
+    write_out(a.out and Path(a.out), md, a.section)
     if a.plot:
         tasks_plot(frontiers, Path(a.plot))
 

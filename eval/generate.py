@@ -157,7 +157,7 @@ def generate(cfg: DictConfig, out: Path) -> dict:
     if int(g.timing_rounds) < 0:
         raise ValueError(f"generate.timing_rounds must be >= 0 (0: no timing), got {g.timing_rounds}")
     gen, target = load_backend(b, device)
-    ckpt = resolve_path(str(b.checkpoint))
+    ckpt = target.checkpoint
     cache_cfg = OmegaConf.to_container(cfg.cache, resolve=True)
     C = gen.config.num_classes
     method = make_method(cache_cfg, target, int(g.seed))

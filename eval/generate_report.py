@@ -54,6 +54,11 @@ def load(dirs: list[Path]) -> list[dict]:
     return rows
 
 
+def timed_batches(rows: list[dict]) -> list[int]:
+    """The batch sizes every row was timed at, ascending."""
+    return sorted(set.intersection(*(set(r["speedup"]) for r in rows)))
+
+
 def front(rows: list[dict], batch: int) -> set[str]:
     """Rows that no other row beats in both speedup at ``batch`` and PSNR (ties kept)."""
     def beats(a, b):
@@ -65,7 +70,7 @@ def front(rows: list[dict], batch: int) -> set[str]:
 
 
 def table(rows: list[dict]) -> str:
-    batches = sorted(set.intersection(*(set(r["speedup"]) for r in rows)))
+    batches = timed_batches(rows)
     top = batches[-1]
     on_front = front(rows, top)
     head = (["row", "kind", *(f"speedup b{b}" for b in batches), "FLOPs", "PSNR dB", "SSIM", "rel-L2", "acc", "FD",
@@ -134,7 +139,7 @@ def plot(rows: list[dict], out: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    top = sorted(set.intersection(*(set(r["speedup"]) for r in rows)))[-1]
+    top = timed_batches(rows)[-1]
     on_front = front(rows, top)
     metrics = [("psnr_db", "PSNR vs uncached (dB)"), ("accuracy", "classifier accuracy"), ("fd", "FD (lower is better)")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
@@ -174,10 +179,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     rows = load(a.dirs)
     md = table(rows)
-    if a.out:
-        write_out(Path(a.out), md, a.section)
-    else:
-        print(md)
+    write_out(a.out and Path(a.out), md, a.section)
     if a.plot:
         print(f"wrote {plot(rows, Path(a.plot), a.dirs[0].name)}")
 

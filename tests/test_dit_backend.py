@@ -19,8 +19,9 @@ from backends.digit_classifier import (ClassifierConfig, DigitClassifier, accura
                                        frechet_distance, load_classifier, paired_change,
                                        save_classifier)
 from backends.digits import load_digits_split  # noqa: E402
-from backends.dit_image import DiTCacheTarget, DiTImageConfig, DiTImageGenerator, load_dit_image, save_dit_image  # noqa: E402
+from backends.dit_image import DiTImageConfig, DiTImageGenerator, load_dit_image, save_dit_image  # noqa: E402
 from backends.dit_video import DiTVideoConfig, DiTVideoGenerator, load_dit_video, save_dit_video  # noqa: E402
+from backends.generator import GeneratorCacheTarget  # noqa: E402
 from backends.image_metrics import psnr, rel_l2, ssim  # noqa: E402
 from backends.moving_digits import make_clips  # noqa: E402
 
@@ -56,14 +57,14 @@ def _grid(gen, cursor=None):
 def test_target_is_a_cache_target_with_the_dit_blocks(gen):
     video = isinstance(gen, DiTVideoGenerator)
     t = "transformer." if video else ""
-    target = DiTCacheTarget(gen)  # whole blocks, in execution order (video: spatial 0, temporal 0, spatial 1, ...)
+    target = GeneratorCacheTarget(gen)  # whole blocks, in execution order (video: spatial 0, temporal 0, spatial 1, ...)
     assert isinstance(target, CacheTarget) and target.blocks == "units"
     ctx = CacheContext(target, calibration_inputs=2)
     stacks = ("transformer_blocks", "temporal_transformer_blocks") if video else ("transformer_blocks",)
     assert ctx.names == [f"{t}{s}.{i}" for i in range(2) for s in stacks]
     assert {b.kind for b in ctx.blocks} == {"block"} and [b.layer for b in ctx.blocks] == list(range(len(ctx.names)))
     # branches: the model's declaration (video) or bac's default patterns (image)
-    ctx = CacheContext(DiTCacheTarget(gen, blocks="branches"), calibration_inputs=2)
+    ctx = CacheContext(GeneratorCacheTarget(gen, blocks="branches"), calibration_inputs=2)
     if video:
         assert ctx.names == [n for i in range(2) for n in (
             *(f"{t}transformer_blocks.{i}.{m}" for m in ("attn1", "attn2", "ff")),
@@ -72,7 +73,7 @@ def test_target_is_a_cache_target_with_the_dit_blocks(gen):
         assert ctx.names == [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn1", "ff")]
     assert ctx.signature.scheduler == "DDIMScheduler" and ctx.K == K
     with pytest.raises(ValueError, match="blocks='layers' is not known"):
-        DiTCacheTarget(gen, blocks="layers")
+        GeneratorCacheTarget(gen, blocks="layers")
 
 
 EVERYTHING = {"none": {}, "uniform": {"n_updates": K}, "bac": {"n_updates": K, "n_bubble": 1},
@@ -85,7 +86,7 @@ SKIPPING = {"uniform": {"n_updates": 2}, "bac": {"n_updates": 2, "n_bubble": 1},
 def test_compute_everything_is_exact_skipping_reuses_and_detach_is_exact(gen, blocks):
     state = {k: v.clone() for k, v in gen.model.state_dict().items()}
     reference = _grid(gen)
-    ctx = CacheContext(DiTCacheTarget(gen, blocks=blocks), calibration_inputs=2)
+    ctx = CacheContext(GeneratorCacheTarget(gen, blocks=blocks), calibration_inputs=2)
     for method, knobs in EVERYTHING.items():
         engine = attach_to(ctx.target, build_cache(ctx, {**defaults(method), **knobs}))
         try:
