@@ -48,6 +48,7 @@ def measure_step_weights(target, calibration, n: int = 4, seed: int = 0) -> np.n
     cos = calibration.sims["cosine"].astype(np.float64)  # (n_blocks, K, K)
     w = np.zeros(K)
     for k in range(1, K):
+        # a plain per-block mask (labelled "uniform": it carries no calibration), reuse at step k only
         mask = Schedule(names, {b: [s for s in range(K) if s != k] for b in names}, K, "uniform",
                         scheduler=sig.scheduler, model_hash=sig.model_hash)
         engine = attach_to(target, mask)

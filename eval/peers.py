@@ -254,7 +254,7 @@ class Peer:
                  if isinstance(m, (Attention, AttentionModuleMixin, FeedForward))]
         self._units = [(u[0], sum(x.weight.numel() for x in u)) for u in units if u]  # (first linear, weight)
         self._counts = [0] * len(self._units)
-        self.calls, self._t, self._saved, self._handles = 0, None, None, []
+        self.calls, self._t, self._saved, self._handles, self._counting = 0, None, None, [], False
 
     def apply(self, count: bool = True) -> None:
         """Install the tool; with ``count``, also the hooks that count block calls for ``block_fraction`` (left
@@ -302,7 +302,7 @@ class Peer:
     def block_fraction(self) -> float | None:
         """Parameter-weighted fraction of attention/FF calls computed in the last sample (None: none ran, or it
         ran applied with ``count=False``)."""
-        if not getattr(self, "_counting", False):
+        if not self._counting:
             return None
         total = self.calls * sum(w for _, w in self._units)
         return sum(w * c for (_, w), c in zip(self._units, self._counts)) / total if total else None
