@@ -1,4 +1,6 @@
-"""Scripted experts for the robomimic tasks (Lift, Can, Square), reading privileged sim state.
+"""Scripted experts for the robomimic tasks (Lift, Can, Square) and the multi-object scenes (NutAssembly with both
+nuts, PickPlace with four objects: the expert handles the episode's goal, ``env.goal``), reading privileged sim
+state.
 
 Each expert is a small phase machine over end-effector targets: a P-controller on the position,
 ``a[:3] = clip(kp * (target - eef), -1, 1)``, an orientation controller that keeps the gripper pointing down at a
@@ -354,7 +356,85 @@ class SquareExpert(PlaceExpert):
         return eef_yaw + min(errors, key=abs)
 
 
-EXPERTS: dict[str, Callable[[RobomimicEnv], Expert]] = {"lift": LiftExpert, "can": CanExpert, "square": SquareExpert}
+class NutExpert(SquareExpert):
+    """NutAssembly (both nuts on the table): the nut the episode names (``env.goal``: square or round) onto its own
+    peg (square: peg 1, round: peg 2), with the Square recipe; the round nut's hole makes its yaw free, and the
+    same squaring rule keeps its handle towards the robot."""
+
+    @property
+    def nut_id(self) -> int:
+        return self.rs.nut_to_id[self.env.goal]
+
+    def _nut_body(self) -> int:
+        return self.rs.obj_body_id[self.rs.nuts[self.nut_id].name]
+
+    def grasp_point(self):
+        return self.sim.data.site_xpos[self.rs.object_site_ids[self.nut_id]].copy()
+
+    def goal_xy(self):
+        peg = self.rs.peg1_body_id if self.nut_id == 0 else self.rs.peg2_body_id
+        return self.sim.data.body_xpos[peg][:2].copy()
+
+    def placed(self):
+        return bool(self.rs.on_peg(self.object_pos(), self.nut_id))
+
+
+# PickPlace's objects: grasp height above the body origin, the yaw symmetry of a top-down grasp (the fingers close
+# along the gripper's y axis; the cereal box is 3 cm thin along its body y and 10 cm wide, so only yaw mod pi grasps
+# it), the body origin's height above the object's bottom, and the margin from the quadrant's walls.
+PICK_PLACE_OBJECTS: dict[str, dict[str, float]] = {
+    "milk": {"grasp_dz": 0.04, "period": np.pi / 2, "bottom": 0.085, "margin": 0.06},
+    "bread": {"grasp_dz": 0.0, "period": np.pi / 2, "bottom": 0.045, "margin": 0.06},
+    "cereal": {"grasp_dz": 0.04, "period": np.pi, "bottom": 0.10, "margin": 0.07},
+    "can": {"grasp_dz": 0.01, "period": np.pi / 2, "bottom": 0.06, "margin": CanExpert.bin_margin},
+}
+
+
+class PickPlaceExpert(CanExpert):
+    """PickPlace (four objects in bin 1): the object the episode names (``env.goal``) into its quadrant of bin 2,
+    with the Can recipe and per-object grasp height and yaw; carried higher, over the other objects."""
+
+    carry_z = 0.30
+
+    @property
+    def spec(self) -> dict[str, float]:
+        return PICK_PLACE_OBJECTS[self.env.goal]
+
+    def _body(self) -> int:
+        return self.rs.obj_body_id[self.env.goal.capitalize()]
+
+    def _can(self) -> np.ndarray:  # CanExpert's object position: here the named object's
+        return self.sim.data.body_xpos[self._body()].copy()
+
+    def grasp_point(self):
+        return self._can() + [0, 0, self.spec["grasp_dz"]]
+
+    def grasp_yaw(self, eef_yaw):
+        if self.env.goal == "can":
+            return super().grasp_yaw(eef_yaw)
+        return _closest_yaw(_body_yaw_wxyz(self.sim.data.body_xquat[self._body()]), eef_yaw, self.spec["period"])
+
+    def goal_xy(self):
+        rs = self.rs
+        low = np.array(rs.bin2_pos[:2], dtype=np.float64)
+        bin_id = rs.object_to_id[self.env.goal]
+        if bin_id in (0, 2):
+            low[0] -= rs.bin_size[0] / 2
+        if bin_id < 2:
+            low[1] -= rs.bin_size[1] / 2
+        high = low + np.array(rs.bin_size[:2]) / 2
+        base = self.sim.data.body_xpos[self.sim.model.body_name2id("robot0_base")][:2]
+        return np.clip(base, low + self.spec["margin"], high - self.spec["margin"])
+
+    def release_z(self):
+        return self.floor_z() + self.spec["bottom"] + 0.04
+
+    def placed(self):
+        return not self.rs.not_in_bin(self._can(), self.rs.object_to_id[self.env.goal])
+
+
+EXPERTS: dict[str, Callable[[RobomimicEnv], Expert]] = {"lift": LiftExpert, "can": CanExpert, "square": SquareExpert,
+                                                         "nut_assembly": NutExpert, "pick_place": PickPlaceExpert}
 
 
 def make_expert(task: str, env: RobomimicEnv) -> Expert:

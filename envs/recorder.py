@@ -3,8 +3,10 @@
 Layout (robomimic v0.3)::
 
     data                      attrs: env_args (JSON of RobomimicEnv.env_meta()), total (samples over all demos)
-    data/demo_<i>             attrs: num_samples (= L), seed (the reset seed that reproduces the episode)
-    data/demo_<i>/obs/<key>   (L, Do_key) float32, one dataset per low-dim key (object, robot0_eef_pos, ...)
+    data/demo_<i>             attrs: num_samples (= L), seed (the reset seed that reproduces the episode);
+                              language tasks also: instruction (the episode's phrasing), goal (what it names)
+    data/demo_<i>/obs/<key>   (L, Do_key) float32, one dataset per low-dim key (object, robot0_eef_pos, ...);
+                              (L, H, W, 3) uint8 for camera images (<camera>_image, as robomimic stores them)
     data/demo_<i>/actions     (L, Da) float32, the clean expert labels
     data/demo_<i>/rewards     (L,) float32
     data/demo_<i>/dones       (L,) int64, 1 at the last step only
@@ -52,8 +54,11 @@ class DemoWriter:
         rewards: np.ndarray | None = None,
         dones: np.ndarray | None = None,
         seed: int | None = None,
+        instruction: str | None = None,
+        goal: str | None = None,
     ) -> str:
-        """Write one demo of L steps: ``obs[key]`` (L, d), ``actions`` (L, Da); return its group name."""
+        """Write one demo of L steps: ``obs[key]`` (L, d) or images (L, H, W, 3) uint8, ``actions`` (L, Da);
+        return its group name."""
         if self._file is None:
             raise RuntimeError("DemoWriter is closed")
         actions = np.asarray(actions, dtype=np.float32)
@@ -73,14 +78,23 @@ class DemoWriter:
         grp = self._data.create_group(name)
         kw = dict(compression="gzip", compression_opts=4)
         for key, arr in obs.items():
-            arr = np.asarray(arr, dtype=np.float32)
-            grp.create_dataset(f"obs/{key}", data=arr.reshape(L, -1), **kw)  # (L, d)
+            arr = np.asarray(arr)
+            if is_image_key(key):
+                if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+                    raise ValueError(f"obs[{key!r}] must be (L, H, W, 3) uint8 images, got {arr.shape} {arr.dtype}")
+                grp.create_dataset(f"obs/{key}", data=arr, chunks=(1, *arr.shape[1:]), **kw)  # (L, H, W, 3)
+                continue
+            grp.create_dataset(f"obs/{key}", data=arr.astype(np.float32).reshape(L, -1), **kw)  # (L, d)
         grp.create_dataset("actions", data=actions, **kw)
         grp.create_dataset("rewards", data=rewards, **kw)
         grp.create_dataset("dones", data=dones, **kw)
         grp.attrs["num_samples"] = L
         if seed is not None:
             grp.attrs["seed"] = int(seed)
+        if instruction is not None:
+            grp.attrs["instruction"] = str(instruction)
+        if goal is not None:
+            grp.attrs["goal"] = str(goal)
         self.num_demos += 1
         self.total += L
         self._data.attrs["total"] = self.total
@@ -115,6 +129,11 @@ class DemoWriter:
             self.abort()
 
 
+def is_image_key(key: str) -> bool:
+    """Camera observations are named ``<camera>_image`` (robomimic's convention)."""
+    return key.endswith("_image")
+
+
 def demo_names(data: h5py.Group) -> list[str]:
     """Demo group names in numeric order (demo_2 before demo_10)."""
     return sorted((k for k in data.keys() if k.startswith("demo_")), key=lambda k: int(k[len("demo_"):]))
@@ -123,8 +142,9 @@ def demo_names(data: h5py.Group) -> list[str]:
 def read_demos(path: str | os.PathLike) -> tuple[dict, list[dict]]:
     """Read a robomimic-layout file into ``(env_meta, demos)``.
 
-    Each demo is ``{"name", "obs": {key: (L, d)}, "actions": (L, Da), "rewards": (L,), "dones": (L,), "seed"}``
-    (``seed`` is None when the file does not store it, as in robomimic's own datasets).
+    Each demo is ``{"name", "obs": {key: (L, d) or (L, H, W, 3) uint8}, "actions": (L, Da), "rewards": (L,),
+    "dones": (L,), "seed", "instruction", "goal"}`` (None where the file does not store them: ``seed`` in
+    robomimic's own datasets, ``instruction`` and ``goal`` outside the language tasks).
     """
     with h5py.File(path, "r") as f:
         data = f["data"]
@@ -141,6 +161,14 @@ def read_demos(path: str | os.PathLike) -> tuple[dict, list[dict]]:
                     "rewards": g["rewards"][()] if "rewards" in g else None,
                     "dones": g["dones"][()] if "dones" in g else None,
                     "seed": None if seed is None else int(seed),
+                    "instruction": _text(g.attrs.get("instruction")),
+                    "goal": _text(g.attrs.get("goal")),
                 }
             )
     return env_meta, demos
+
+
+def _text(value) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)

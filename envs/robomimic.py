@@ -1,4 +1,6 @@
-"""The robomimic task suite (Lift, Can, Square) as a gymnasium env, run directly on robosuite 1.5.
+"""The robomimic task suite (Lift, Can, Square) and two multi-object scenes (NutAssembly with both nuts, PickPlace
+with four objects) as a gymnasium env, run directly on robosuite 1.5; optionally with camera images and an
+instruction per episode.
 
 robomimic 0.3 itself cannot be used with robosuite 1.5 (it imports ``mujoco_py``), so this module rebuilds what
 matters from it: the task names, the Panda + OSC_POSE delta setup at 20 Hz, the horizon of 400 and the low-dim
@@ -9,16 +11,30 @@ Seeding: robosuite draws the object placement, the cube size (Lift) and the robo
 from the ``rng`` of the placement sampler(s), which keep the generator they were built with. ``reset(seed=s)``
 replaces all of them with ``np.random.default_rng(s)`` before the (hard) reset, so the same seed gives the same
 episode, bit for bit.
+
+Goals and language: in the multi-object scenes an episode's *goal* names one object (``envs.language.goals``: the
+round or the square nut; milk, bread, cereal or can), drawn from the episode seed unless ``reset(options={"goal":
+...})`` sets it, and success is *that* object on its peg or in its bin with the gripper away from it (robosuite's
+per-object check); ``info["placed"]`` lists every goal placed, so a policy that moves the wrong object shows.
+With ``language=True`` the observation carries ``instruction`` (a string, one phrasing of the goal from
+``instructions="train"`` or the held-out ``"heldout"`` paraphrases, drawn from the episode seed). With ``cameras``
+it carries ``<camera>_image`` (H, W, 3) uint8, the right way up (robomimic's keys; shadows and reflections off).
+The draws of goal and phrasing use their own generator, so Lift, Can and Square episodes are unchanged by them.
 """
 from __future__ import annotations
 
 import logging
+import string
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
-TASKS: dict[str, str] = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
+from envs import language as lang
+
+TASKS: dict[str, str] = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare",
+                         "nut_assembly": "NutAssembly", "pick_place": "PickPlace"}
+CAMERAS: tuple[str, ...] = ("agentview", "robot0_eye_in_hand")  # robomimic's image tasks: front view and wrist
 OBS_KEYS: tuple[str, ...] = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 ACTION_DIM = 7  # OSC_POSE delta: dx, dy, dz, dax, day, daz (axis-angle), gripper (-1 open, +1 close)
 
@@ -53,9 +69,21 @@ class RobomimicEnv(gym.Env):
         render_mode: str | None = None,
         render_size: int = 256,
         camera: str = "agentview",
+        cameras: tuple[str, ...] = (),
+        image_size: int = 84,
+        language: bool = False,
+        instructions: str = "train",
     ):
         if task not in TASKS:
             raise ValueError(f"unknown robomimic task {task!r}; known tasks: {sorted(TASKS)}")
+        cameras = tuple(cameras)
+        unknown = [c for c in cameras if c not in CAMERAS]
+        if unknown:
+            raise ValueError(f"unknown camera(s) {unknown}; known: {list(CAMERAS)}")
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        if instructions not in lang.SPLITS:
+            raise ValueError(f"instructions must be one of {lang.SPLITS}, got {instructions!r}")
         if horizon <= 0:
             raise ValueError(f"horizon must be positive, got {horizon}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -71,6 +99,10 @@ class RobomimicEnv(gym.Env):
         self.render_mode = render_mode
         self.render_size = render_size
         self.camera = camera
+        self.cameras, self.image_size = cameras, image_size
+        self.language, self.instructions = language, instructions
+        self.goals = lang.goals(task)
+        self.goal, self.instruction = self.goals[0], None
         self._env_kwargs: dict[str, Any] = dict(
             robots="Panda",
             controller_configs=None,  # robosuite's default: BASIC composite with an OSC_POSE delta arm
@@ -79,18 +111,21 @@ class RobomimicEnv(gym.Env):
             ignore_done=True,
             reward_shaping=False,
             use_object_obs=True,
-            use_camera_obs=False,
+            use_camera_obs=bool(cameras),
             has_renderer=False,
-            has_offscreen_renderer=render_mode == "rgb_array",
+            has_offscreen_renderer=render_mode == "rgb_array" or bool(cameras),
         )
+        if cameras:
+            self._env_kwargs.update(camera_names=list(cameras), camera_heights=image_size, camera_widths=image_size)
         self._env = robosuite.make(TASKS[task], **self._env_kwargs)
         spec = self._env.observation_spec()
-        self.observation_space = gym.spaces.Dict(
-            {
-                k: gym.spaces.Box(-np.inf, np.inf, shape=np.shape(spec[_robosuite_key(k)]), dtype=np.float32)
-                for k in OBS_KEYS
-            }
-        )
+        space = {k: gym.spaces.Box(-np.inf, np.inf, shape=np.shape(spec[_robosuite_key(k)]), dtype=np.float32)
+                 for k in OBS_KEYS}
+        for cam in cameras:
+            space[f"{cam}_image"] = gym.spaces.Box(0, 255, shape=(image_size, image_size, 3), dtype=np.uint8)
+        if self.language:
+            space["instruction"] = gym.spaces.Text(max_length=256, charset=string.printable)
+        self.observation_space = gym.spaces.Dict(space)
         self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(ACTION_DIM,), dtype=np.float32)
         self._steps = 0
 
@@ -107,9 +142,23 @@ class RobomimicEnv(gym.Env):
         rng = np.random.default_rng(episode_seed)
         self._env.rng = rng
         _seed_samplers(getattr(self._env, "placement_initializer", None), rng)
+        # goal and phrasing from their own generator: the scene's draws stay those of the seed alone
+        words = np.random.default_rng([episode_seed, 1])
+        drawn = self.goals[int(words.integers(len(self.goals)))]
+        goal = (options or {}).get("goal", drawn)
+        if goal not in self.goals:
+            raise ValueError(f"task {self.task!r} has no goal {goal!r}; its goals: {self.goals}")
+        self.goal = goal
+        self.instruction = lang.instruction(self.task, goal, self.instructions, words) if self.language else None
         raw = self._env.reset()
+        if self.cameras:  # the reset's images were rendered before the flags below could be set: render them again
+            self._fast_rendering()  # (the images alone: the low-dim observation stays robosuite's reset one)
+            raw = dict(raw)
+            for cam in self.cameras:
+                raw[f"{cam}_image"] = self._env.sim.render(camera_name=cam, width=self.image_size,
+                                                           height=self.image_size)
         self._steps = 0
-        return self._obs(raw), {"is_success": bool(self._env._check_success()), "seed": episode_seed}
+        return self._obs(raw), {**self._success_info(), "seed": episode_seed, "goal": goal}
 
     def step(self, action) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
         action = np.asarray(action, dtype=np.float64)
@@ -119,9 +168,19 @@ class RobomimicEnv(gym.Env):
             raise ValueError(f"action must be finite, got {action.tolist()}")
         raw, reward, _, _ = self._env.step(np.clip(action, -1.0, 1.0))
         self._steps += 1
-        success = bool(self._env._check_success())
+        info = self._success_info()
         truncated = self._steps >= self.horizon
-        return self._obs(raw), float(reward), success, truncated, {"is_success": success}
+        return self._obs(raw), float(reward), info["is_success"], truncated, info
+
+    def _success_info(self) -> dict:
+        """``is_success``: the episode's goal is done (robosuite's check; in a multi-object scene, its per-object
+        check for the named object); ``placed``: every goal whose object is in place (multi-object scenes)."""
+        done = bool(self._env._check_success())
+        if len(self.goals) == 1:
+            return {"is_success": done}
+        flags = self._env.objects_on_pegs if self.task == "nut_assembly" else self._env.objects_in_bins
+        placed = [g for g, f in zip(self.goals, flags) if f]
+        return {"is_success": self.goal in placed, "placed": placed}
 
     def hold_action(self, last: np.ndarray | None = None) -> np.ndarray:
         """What a late policy leaves the arm doing: no motion (a zero OSC delta), the gripper as last commanded."""
@@ -133,14 +192,19 @@ class RobomimicEnv(gym.Env):
         """(H, W, 3) uint8 frame from ``camera``, the right way up; None unless ``render_mode == "rgb_array"``."""
         if self.render_mode != "rgb_array":
             return None
+        self._fast_rendering()
+        frame = self._env.sim.render(width=self.render_size, height=self.render_size, camera_name=self.camera)
+        return np.ascontiguousarray(frame[::-1])  # robosuite renders in OpenGL convention (bottom row first)
+
+    def _fast_rendering(self) -> None:
+        """Shadows and reflections off (they cost about 2x on a CPU renderer); the context is rebuilt by every hard
+        reset, so call after it."""
         import mujoco
 
         ctx = self._env.sim._render_context_offscreen
-        if ctx is not None:  # shadows and reflections cost about 2x on a CPU renderer
+        if ctx is not None:
             ctx.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
             ctx.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
-        frame = self._env.sim.render(width=self.render_size, height=self.render_size, camera_name=self.camera)
-        return np.ascontiguousarray(frame[::-1])  # robosuite renders in OpenGL convention (bottom row first)
 
     def close(self) -> None:
         env = getattr(self, "_env", None)
@@ -150,9 +214,17 @@ class RobomimicEnv(gym.Env):
 
     # ------------------------------------------------------------------ robomimic extras
     def env_meta(self) -> dict:
-        """robomimic's ``env_args``: enough to rebuild this env with ``robosuite.make(env_name, **env_kwargs)``."""
-        return {"env_name": TASKS[self.task], "type": 1, "env_kwargs": dict(self._env_kwargs)}
+        """robomimic's ``env_args``: enough to rebuild the scene with ``robosuite.make(env_name, **env_kwargs)``;
+        ``wrapper``: this class's arguments beyond robosuite's (the task, cameras, language)."""
+        wrapper = {"task": self.task, "horizon": self.horizon, "cameras": list(self.cameras),
+                   "image_size": self.image_size, "language": self.language, "instructions": self.instructions}
+        return {"env_name": TASKS[self.task], "type": 1, "env_kwargs": dict(self._env_kwargs), "wrapper": wrapper}
 
-    def _obs(self, raw: dict) -> dict[str, np.ndarray]:
-        return {k: np.asarray(raw[_robosuite_key(k)], dtype=np.float32).copy() for k in OBS_KEYS}
+    def _obs(self, raw: dict) -> dict:
+        obs = {k: np.asarray(raw[_robosuite_key(k)], dtype=np.float32).copy() for k in OBS_KEYS}
+        for cam in self.cameras:  # robosuite renders in OpenGL convention (bottom row first)
+            obs[f"{cam}_image"] = np.ascontiguousarray(raw[f"{cam}_image"][::-1])
+        if self.language:
+            obs["instruction"] = self.instruction
+        return obs
 

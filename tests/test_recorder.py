@@ -104,3 +104,24 @@ def test_rejects_mismatched_lengths(tmp_path):
     with DemoWriter(tmp_path / "d.hdf5", META) as w:
         with pytest.raises(ValueError, match="obs/object has 4 steps but actions has 5"):
             w.add(**d)
+
+
+def test_images_and_instruction_round_trip(tmp_path):
+    """Camera images stay (L, H, W, 3) uint8 and the instruction and goal come back as strings; anything else
+    named like an image is refused."""
+    rng = np.random.default_rng(1)
+    d = _demo(rng, 4)
+    d["obs"]["agentview_image"] = rng.integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "img.hdf5"
+    with DemoWriter(path, META) as w:
+        w.add(**d, seed=3, instruction="put the round nut on its peg", goal="round")
+        w.add(**_demo(rng, 2))
+    _, (a, b) = read_demos(path)
+    np.testing.assert_array_equal(a["obs"]["agentview_image"], d["obs"]["agentview_image"])
+    assert a["obs"]["agentview_image"].dtype == np.uint8
+    assert (a["instruction"], a["goal"]) == ("put the round nut on its peg", "round")
+    assert (b["instruction"], b["goal"]) == (None, None)
+    bad = _demo(rng, 4)
+    bad["obs"]["wrist_image"] = rng.normal(size=(4, 8, 8, 3))
+    with DemoWriter(tmp_path / "bad.hdf5", META) as w, pytest.raises(ValueError, match="uint8 images"):
+        w.add(**bad)

@@ -1,0 +1,47 @@
+"""The instruction sets of the language-conditioned robomimic tasks (envs/language.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from envs.language import INSTRUCTIONS, SPLITS, goal_of, goals, instruction, phrasings
+
+
+def test_every_goal_has_disjoint_train_and_heldout_phrasings():
+    for task, by_goal in INSTRUCTIONS.items():
+        for goal, splits in by_goal.items():
+            assert len(splits["train"]) >= 2 and len(splits["heldout"]) >= 2, (task, goal)
+            assert not set(splits["train"]) & set(splits["heldout"]), (task, goal)
+    # within a scene, no phrasing names two goals
+    for task in INSTRUCTIONS:
+        texts = [t for g in goals(task) for s in SPLITS for t in phrasings(task, g, s)]
+        assert len(texts) == len(set(texts)), task
+
+
+def test_multi_object_scenes_and_their_ids():
+    # the goals of a scene are in robosuite's id order (NutAssembly.nut_to_id, PickPlace.object_to_id)
+    assert goals("nut_assembly") == ("square", "round")
+    assert goals("pick_place") == ("milk", "bread", "cereal", "can")
+    assert goals("lift") == ("cube",)
+
+
+def test_instruction_draw_and_inverse():
+    rng = np.random.default_rng(0)
+    seen = {instruction("pick_place", "milk", "heldout", rng) for _ in range(50)}
+    assert seen == set(phrasings("pick_place", "milk", "heldout"))
+    for task in INSTRUCTIONS:
+        for goal in goals(task):
+            for split in SPLITS:
+                for text in phrasings(task, goal, split):
+                    assert goal_of(task, text) == goal
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: phrasings("nut_assembly", "round", "test"), "split must be one of"),
+    (lambda: phrasings("nut_assembly", "milk", "train"), "has no goal 'milk'"),
+    (lambda: goals("stack"), "no instructions for task 'stack'"),
+    (lambda: goal_of("lift", "juggle the cube"), "not an instruction of task 'lift'"),
+])
+def test_bad_input_is_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
