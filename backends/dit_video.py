@@ -7,6 +7,9 @@ alternating) in pixel space, on the cache engine; trained here on clips of movin
 
 Latte is text-conditioned (cross-attention on caption tokens); here the caption is one learned token per class
 (the table's last row: the null class, dropped at ``label_dropout`` in training for classifier-free guidance).
+The class also enters the timestep embedding that drives every block's adaLN modulation, as in DiT: through the
+caption token alone (one key, so cross-attention adds one constant vector per class) a model trained here learned
+to ignore its label (docs/dit_video.md).
 The model declares its cacheable blocks (``cache_blocks``), spatial and temporal stacks both; the engine records
 their execution order (spatial 0, temporal 0, spatial 1, ...) on the first call.
 
@@ -51,6 +54,25 @@ class DiTVideoConfig(GeneratorConfig):
         super().__post_init__()
 
 
+class _ClassTimestepEmbedding(nn.Module):
+    """Latte's timestep embedding (``adaln_single.emb``) plus a learned class embedding: the sum conditions every
+    block's adaLN modulation and the output layer's. The labels of the current call are set by
+    ``LabelConditionedLatte.forward`` around its transformer call."""
+
+    def __init__(self, timestep: nn.Module, n_labels: int, dim: int):
+        super().__init__()
+        self.timestep = timestep
+        self.classes = nn.Embedding(n_labels, dim)
+        self.labels: torch.Tensor | None = None
+
+    def forward(self, timestep, resolution=None, aspect_ratio=None, batch_size=None, hidden_dtype=None):
+        if self.labels is None:
+            raise RuntimeError("the class-conditioned timestep embedding was called without labels: call "
+                               "LabelConditionedLatte, not its inner transformer")
+        emb = self.timestep(timestep, resolution, aspect_ratio, batch_size, hidden_dtype)
+        return emb + self.classes(self.labels).to(emb.dtype)
+
+
 class LabelConditionedLatte(nn.Module):
     """Latte with a learned class token as its caption. Called like diffusers' DiT:
     ``(x (B, C, F, H, W), timestep (B,), class_labels (B,), return_dict=False) -> (noise (B, C, F, H, W),)``."""
@@ -71,13 +93,20 @@ class LabelConditionedLatte(nn.Module):
             caption_channels=c.caption_dim, video_length=c.frames, norm_type="ada_norm_single",
             activation_fn="gelu-approximate",
         )
+        ada = self.transformer.adaln_single
+        ada.emb = _ClassTimestepEmbedding(ada.emb, c.num_classes + 1, c.num_heads * c.head_dim)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor, return_dict: bool = False):
         if self.training and self.label_dropout > 0:  # classifier-free guidance's unconditional examples
             drop = torch.rand(class_labels.shape, device=class_labels.device) < self.label_dropout
             class_labels = torch.where(drop, torch.full_like(class_labels, self.null_class), class_labels)
         caption = self.label_tokens(class_labels)[:, None]  # (B, 1, caption_dim)
-        return self.transformer(x, timestep=timestep, encoder_hidden_states=caption, return_dict=return_dict)
+        emb = self.transformer.adaln_single.emb
+        emb.labels = class_labels
+        try:
+            return self.transformer(x, timestep=timestep, encoder_hidden_states=caption, return_dict=return_dict)
+        finally:
+            emb.labels = None
 
 
 class DiTVideoGenerator(Generator):

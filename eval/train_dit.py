@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, help="a checkpoint folder of the same backend and architecture to start "
                    "from (its weights and its classifier; training continues from them)")
     p.add_argument("--classifier-epochs", type=int, default=None, help="default: 30 (image), 8 (video: 8x the images)")
+    p.add_argument("--save-every-s", type=float, default=None, help="also write the checkpoint folder (EMA weights, "
+                   "record so far) every this many seconds of training, so a long run can be looked at or stopped")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100)
@@ -92,6 +94,14 @@ def train(args) -> dict:
     sched = gen.scheduler
     g = torch.Generator().manual_seed(args.seed)
     curve, running, step, t0 = [], 0.0, 0, time.time()
+    last_save = t0
+
+    def record_of(step, curve):
+        return _record(args, t_start, t0, len(y), len(y_test), clf_acc, epochs, step, curve)
+
+    def save(ema, step, curve):
+        _save(args, gen, clf, ema, record_of(step, curve))
+
     while step < args.steps and time.time() - t0 < args.time_budget_s:
         idx = torch.randint(0, len(y), (args.batch_size,), generator=g)
         x0, labels = gen.training_batch(x[idx], g), y[idx]
@@ -113,22 +123,35 @@ def train(args) -> dict:
             curve.append({"step": step, "loss": running / args.log_every, "wall_s": round(time.time() - t0, 1)})
             running = 0.0
             print(f"step {step} loss {curve[-1]['loss']:.4f} ({curve[-1]['wall_s']:.0f} s)", flush=True)
-    gen.model = ema
-    record = {
+        if args.save_every_s and time.time() - last_save > args.save_every_s:
+            save(ema, step, curve)
+            last_save = time.time()
+    save(ema, step, curve)
+    return record_of(step, curve)
+
+
+def _save(args, gen, clf, ema, record: dict) -> None:
+    out = Path(args.out or f"checkpoints/{args.backend}")
+    model, gen.model = gen.model, ema
+    try:
+        extra = save_classifier(clf, out)
+        save_generator(gen, out, record, extra_files=tuple(extra))
+    finally:
+        gen.model = model
+    print(f"wrote {out} ({record['steps']} steps, {record['train_wall_s']} s)", flush=True)
+
+
+def _record(args, t_start, t0, n_train, n_test, clf_acc, epochs, step, curve) -> dict:
+    return {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if sys.argv else "",
         "backend": args.backend,
         "data": "sklearn.datasets.load_digits, bilinear upsampled, fixed 80/20 split (seed 0)"
                 + ("; clips of moving digits, fresh motion each batch" if args.backend == "dit_video" else ""),
-        "n_train": len(y), "n_test": len(y_test), "steps": step, "batch_size": args.batch_size, "lr": args.lr,
+        "n_train": n_train, "n_test": n_test, "steps": step, "batch_size": args.batch_size, "lr": args.lr,
         "ema": args.ema, "threads": args.threads, "train_wall_s": round(time.time() - t0, 1),
         "total_wall_s": round(time.time() - t_start, 1), "final_loss": curve[-1]["loss"] if curve else None,
         "loss_curve": curve, "classifier_test_accuracy": clf_acc, "classifier_epochs": epochs, "init": args.init, "torch": torch.__version__,
     }
-    out = Path(args.out or f"checkpoints/{args.backend}")
-    extra = save_classifier(clf, out)
-    save_generator(gen, out, record, extra_files=tuple(extra))
-    print(f"wrote {out} ({step} steps, {record['train_wall_s']} s)", flush=True)
-    return record
 
 
 def main(argv=None) -> dict:
