@@ -55,10 +55,29 @@ class Watchdog:
         if self.inference_deadline_s is not None and not self.inference_deadline_s > 0:
             raise ValueError(f"inference_deadline_s must be positive, got {self.inference_deadline_s}")
 
-    def check_obs(self, obs: dict[str, np.ndarray]) -> None:
+    def check_obs(self, obs: dict, reference: dict | None = None) -> None:
+        """Stop on a bad observation: numbers (state, uint8 images) that are not finite, text (an instruction) that
+        is empty, anything else; with ``reference`` (the run's first observation), keys, shapes or kinds that
+        changed (a camera dropped, a resized image, an instruction turned into numbers)."""
         for k, v in obs.items():
-            if not np.all(np.isfinite(np.asarray(v, dtype=np.float64))):
+            arr = np.asarray(v)
+            if arr.dtype.kind in "US":
+                if any(not str(s).strip() for s in arr.flat):
+                    raise SafeStop(f"observation {k!r} is empty text")
+            elif arr.dtype.kind not in "biuf":
+                raise SafeStop(f"observation {k!r} is neither numbers nor text ({type(v).__name__}, dtype {arr.dtype})")
+            elif arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
                 raise SafeStop(f"observation {k!r} holds NaN or inf")
+        if reference is None:
+            return
+        if set(obs) != set(reference):
+            raise SafeStop(f"observation keys changed: missing {sorted(set(reference) - set(obs))}, "
+                           f"new {sorted(set(obs) - set(reference))}")
+        for k, v in obs.items():
+            arr, ref = np.asarray(v), np.asarray(reference[k])
+            text, ref_text = arr.dtype.kind in "US", ref.dtype.kind in "US"
+            if text != ref_text or (not text and (arr.shape != ref.shape or arr.dtype != ref.dtype)):
+                raise SafeStop(f"observation {k!r} changed from {ref.shape} {ref.dtype} to {arr.shape} {arr.dtype}")
 
 
 class _Worker:
@@ -157,7 +176,7 @@ def run_wallclock(
     requested_at = time.monotonic()
     t_start = time.monotonic()
     try:
-        obs = robot.get_observation()
+        obs = first = robot.get_observation()
         watchdog.check_obs(obs)
         stream.reset(obs)
         # The first chunk: the robot waits at rest for it, and the episode clock starts when it arrives.
@@ -205,7 +224,7 @@ def run_wallclock(
                     raise SafeStop(f"unsafe action refused: {e}") from None
             robot.send_action(action)
             obs = robot.get_observation()
-            watchdog.check_obs(obs)
+            watchdog.check_obs(obs, first)
             stream.history.push(obs)
             if log is not None:
                 log({"tick": tick, "t_s": round(time.monotonic() - t_start, 4), "miss": consecutive > 0,

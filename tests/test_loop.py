@@ -1,6 +1,7 @@
 """The control loop on a simulated clock with fake latencies, and the wall-clock loop's watchdog."""
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
@@ -161,6 +162,54 @@ def test_wallclock_runs_and_stops_cleanly():
 def test_watchdog_stops_on_nan_observation():
     out = wall(FakeRobot(nan_at=5), planner(8))
     assert "NaN" in out["stopped"] and out["ticks"] == 4
+
+
+class CameraRobot(FakeRobot):
+    """A robot with a camera image and an instruction beside its state; ``fault`` breaks one at tick 5."""
+
+    def __init__(self, fault: str | None = None):
+        super().__init__()
+        self.fault = fault
+
+    def get_observation(self):
+        obs = super().get_observation()
+        obs["agentview_image"] = np.full((8, 8, 3), self.t % 256, np.uint8)
+        obs["instruction"] = "put the round nut on its peg"
+        if self.t >= 5 and self.fault == "empty text":
+            obs["instruction"] = "  "
+        elif self.t >= 5 and self.fault == "resized image":
+            obs["agentview_image"] = np.zeros((4, 4, 3), np.uint8)
+        elif self.t >= 5 and self.fault == "camera dropped":
+            del obs["agentview_image"]
+        elif self.t >= 5 and self.fault == "object":
+            obs["instruction"] = None
+        return obs
+
+
+def test_images_and_instruction_reach_the_policy():
+    """The history and the worker pass images (B, To, H, W, 3) uint8 and the instruction (B, To) text through."""
+    seen = []
+
+    def predict(obs):
+        seen.append({k: (v.shape, v.dtype.kind) for k, v in obs.items()})
+        assert obs["instruction"][0, -1] == "put the round nut on its peg"
+        return planner(8)(obs)
+
+    out = wall(CameraRobot(), predict)
+    assert out["stopped"] is None and out["ticks"] == 30
+    assert seen[0] == {"t": ((1, 2, 1), "f"), "agentview_image": ((1, 2, 8, 8, 3), "u"), "instruction": ((1, 2), "U")}
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ("empty text", "observation 'instruction' is empty text"),
+    ("resized image", r"observation 'agentview_image' changed from \(8, 8, 3\) uint8 to \(4, 4, 3\) uint8"),
+    ("camera dropped", r"observation keys changed: missing \['agentview_image'\]"),
+    ("object", "observation 'instruction' is neither numbers nor text"),
+])
+def test_watchdog_stops_on_a_broken_camera_or_instruction(fault, reason):
+    out = wall(CameraRobot(fault), planner(8))
+    assert out["stopped"] is not None and re.search(reason, out["stopped"]), out["stopped"]
+    assert out["ticks"] == 4
 
 
 def test_watchdog_stops_on_policy_exception():
