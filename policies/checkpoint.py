@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 from bac.files import file_sha256, write_atomic
 from policies.diffusion_policy import DiffusionTransformerPolicy, DPTConfig
 from policies.normalizer import Normalizer
+from policies.vla import VLAConfig, VLAPolicy
 
-POLICY_REGISTRY = {"dpt": (DiffusionTransformerPolicy, DPTConfig)}
+POLICY_REGISTRY = {"dpt": (DiffusionTransformerPolicy, DPTConfig), "vla": (VLAPolicy, VLAConfig)}
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "normalizer.json")
 # Config fields chosen at inference time; every other field defines the function the weights compute.
 INFERENCE_FIELDS = ("num_inference_steps", "scheduler", "n_action_steps")

@@ -1,0 +1,222 @@
+"""Train the VLA (policies/vla.py) on language-conditioned demos with camera images (eval/collect.py --language
+--cameras ...), one multi-task checkpoint over every dataset given.
+
+    python eval/train_vla.py --datasets data/lang/nut_assembly.hdf5 data/lang/pick_place.hdf5 \\
+        --out checkpoints/vla --time-budget-s 3600
+
+Windows are Diffusion Policy's (the first step repeated To - 1 times before a demo, the last Ta - 1 times after
+it), sampled uniformly over all demos of all files; every image is randomly shifted by up to ``--shift`` pixels
+(replicate padding, then a crop: the augmentation of DrQ and robomimic). The state and actions are normalized
+to [-1, 1] on the data; the text encoder is frozen and each demo's instruction is encoded once.
+
+Writes model.safetensors (EMA weights), config.json, normalizer.json, train_record.json (datasets and their
+sha256, steps, loss curve, wall time, the command), manifest.json, and calibration/calib_obs.npz (observation
+windows of the first demos, the instruction included: what the calibrated cache methods sample over).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bac.files import file_sha256  # noqa: E402
+from envs.recorder import demo_names  # noqa: E402
+from eval.train import EMA, lr_at, optimizer_groups, steps_for_budget  # noqa: E402
+from policies import Normalizer, save_policy  # noqa: E402
+from policies.vla import VLAConfig, VLAPolicy  # noqa: E402
+
+
+class LanguageDemos:
+    """Every demo of the files in memory: images (L, H, W, 3) uint8 per camera, state (L, Ds), actions (L, Da),
+    the instruction; ``batch`` draws training windows."""
+
+    def __init__(self, paths: list[str], config: VLAConfig):
+        self.config, self.demos = config, []
+        for path in paths:
+            if not Path(path).exists():
+                raise FileNotFoundError(f"dataset {path} does not exist; make it with `python eval/collect.py --task "
+                                        f"<task> --language --cameras {','.join(config.cameras)} --out {path}`")
+            with h5py.File(path, "r") as f:
+                for name in demo_names(f["data"]):
+                    g = f["data"][name]
+                    instruction = g.attrs.get("instruction")
+                    if instruction is None:
+                        raise ValueError(f"{path}:{name} has no instruction; collect with --language")
+                    keys = [f"{c}_image" for c in config.cameras] + list(config.state_keys)
+                    missing = [k for k in keys if k not in g["obs"]]
+                    if missing:
+                        raise KeyError(f"{path}:{name} lacks observation keys {missing}; it has {sorted(g['obs'])}")
+                    images = {c: g["obs"][f"{c}_image"][()] for c in config.cameras}
+                    size = next(iter(images.values())).shape[1]
+                    if size != config.image_size:
+                        raise ValueError(f"{path}:{name} holds {size} px images; the policy is configured for "
+                                         f"{config.image_size} (--image-size)")
+                    state = np.concatenate([g["obs"][k][()].reshape(len(g["actions"]), -1) for k in config.state_keys], -1)
+                    self.demos.append({"images": images, "state": state.astype(np.float32),
+                                       "actions": g["actions"][()].astype(np.float32),
+                                       "instruction": str(instruction), "source": f"{path}:{name}"})
+        if not self.demos:
+            raise ValueError(f"no demos in {paths}")
+        c = config
+        pad = (c.n_obs_steps - 1) + (c.n_action_steps - 1)
+        # (demo, window start in padded coordinates), every window of every demo
+        self.windows = np.array([(i, s) for i, d in enumerate(self.demos)
+                                 for s in range(len(d["actions"]) + pad - c.horizon + 1)])
+
+    def normalizer(self) -> Normalizer:
+        return Normalizer.fit({"state": np.concatenate([d["state"] for d in self.demos]),
+                               "action": np.concatenate([d["actions"] for d in self.demos])})
+
+    def window(self, i: int, s: int) -> dict:
+        """Observation window (To steps) and action chunk (T steps) of demo i at padded start s."""
+        c, d = self.config, self.demos[i]
+        L = len(d["actions"])
+        steps = np.clip(np.arange(s, s + c.horizon) - (c.n_obs_steps - 1), 0, L - 1)  # (T,)
+        obs_steps = steps[: c.n_obs_steps]
+        out = {f"{cam}_image": d["images"][cam][obs_steps] for cam in c.cameras}
+        out.update(state=d["state"][obs_steps], actions=d["actions"][steps], instruction=d["instruction"])
+        return out
+
+    def batch(self, idx: np.ndarray) -> dict:
+        items = [self.window(*self.windows[j]) for j in idx]
+        out = {k: np.stack([it[k] for it in items]) for k in items[0] if k != "instruction"}
+        out["instruction"] = [it["instruction"] for it in items]
+        return out
+
+
+def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, To, H, W, 3) uint8, each sample shifted by up to ``shift`` pixels (the same shift over its To steps)."""
+    if shift <= 0:
+        return images
+    B, To, H, W, C = images.shape
+    x = images.permute(0, 1, 4, 2, 3).reshape(B, To * C, H, W).float()
+    x = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+    dx = torch.randint(0, 2 * shift + 1, (B,), generator=generator)
+    dy = torch.randint(0, 2 * shift + 1, (B,), generator=generator)
+    out = torch.stack([x[b, :, dy[b]: dy[b] + H, dx[b]: dx[b] + W] for b in range(B)])
+    return out.view(B, To, C, H, W).permute(0, 1, 3, 4, 2).round().to(torch.uint8)
+
+
+def train(args) -> Path:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+    config = VLAConfig(objective=args.objective, scheduler="flow" if args.objective == "flow" else "ddim",
+                       num_inference_steps=args.num_inference_steps, n_emb=args.n_emb, n_layer=args.n_layer,
+                       n_prefix_layers=args.n_prefix_layers, text_encoder=args.text_encoder,
+                       image_size=args.image_size)
+    data = LanguageDemos(args.datasets, config)
+    normalizer = data.normalizer()
+    policy = VLAPolicy(config, normalizer).train()
+    ema = EMA(policy)
+    ema.model.set_normalizer(normalizer)
+    opt = torch.optim.AdamW(optimizer_groups(policy, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(args.seed)
+    n_params = sum(p.numel() for p in policy.parameters())
+    print(f"{len(data.demos)} demos, {len(data.windows)} windows; {n_params / 1e6:.2f}M parameters "
+          f"({config.objective}, text encoder {config.text_encoder})", flush=True)
+    out = Path(args.out)
+    record = {"command": "python " + shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+              "datasets": [{"path": p, "sha256": file_sha256(Path(p))} for p in args.datasets],
+              "n_demos": len(data.demos), "n_windows": len(data.windows), "n_params": n_params,
+              "batch_size": args.batch_size, "lr": args.lr, "shift": args.shift, "threads": args.threads,
+              "torch": torch.__version__, "loss_curve": []}
+
+    def save(step: int) -> None:
+        record.update(steps=step, train_wall_s=round(time.time() - t0, 1), total_wall_s=round(time.time() - t_start, 1))
+        save_policy(ema.model, out, record)
+        rows = [np.flatnonzero(data.windows[:, 0] == i) for i in range(min(16, len(data.demos)))]
+        calib = data.batch(np.array([r[len(r) // 2] for r in rows]))  # the middle window of the first demos
+        obs = {f"{c}_image": calib[f"{c}_image"] for c in config.cameras}
+        state = calib["state"]
+        start = 0
+        for key, dim in zip(config.state_keys, config.state_dims):
+            obs[key] = state[..., start: start + dim]
+            start += dim
+        obs["instruction"] = np.array([[t] * config.n_obs_steps for t in calib["instruction"]])
+        (out / "calibration").mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out / "calibration" / "calib_obs.npz", **obs)
+        print(f"wrote {out} at step {step}", flush=True)
+
+    step, running, t0, last_save = 0, 0.0, time.time(), time.time()
+    total, probe_t0 = args.steps, None  # the cosine schedule's length: from the rate of steps 20-60 and the budget
+    while step < total and time.time() - t0 < args.time_budget_s:
+        if step == 20:
+            probe_t0 = time.time()
+        elif step == 60 and probe_t0 is not None:
+            total = steps_for_budget(args.time_budget_s, time.time() - t0, 40, time.time() - probe_t0, step, args.steps)
+            print(f"--time-budget-s {args.time_budget_s:g}: {40 / (time.time() - probe_t0):.2f} steps/s -> {total} steps",
+                  flush=True)
+        idx = torch.randint(0, len(data.windows), (args.batch_size,), generator=g).numpy()
+        b = data.batch(idx)
+        n = config.n_image_steps  # the policy looks at the last n frames only: augment just those
+        images = {c: random_shift(torch.from_numpy(b[f"{c}_image"][:, -n:]), args.shift, g) for c in config.cameras}
+        nstate = normalizer.normalize("state", torch.from_numpy(b["state"]))
+        naction = normalizer.normalize("action", torch.from_numpy(b["actions"]))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, args.lr, args.warmup)
+        loss = policy.compute_loss(images, nstate, b["instruction"], naction, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        ema.update(policy, step)
+        step += 1
+        running += loss.item()
+        if step % args.log_every == 0:
+            record["loss_curve"].append({"step": step, "loss": running / args.log_every,
+                                         "wall_s": round(time.time() - t0, 1)})
+            running = 0.0
+            print(f"step {step} loss {record['loss_curve'][-1]['loss']:.4f} ({time.time() - t0:.0f} s)", flush=True)
+        if args.save_every_s and time.time() - last_save > args.save_every_s:
+            save(step)
+            last_save = time.time()
+    save(step)
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", required=True)
+    p.add_argument("--out", default="checkpoints/vla")
+    p.add_argument("--objective", default="flow", choices=["flow", "ddpm"])
+    p.add_argument("--num-inference-steps", type=int, default=None, help="default: 10 (flow), 100 (ddpm)")
+    p.add_argument("--text-encoder", default="minilm", choices=["minilm", "hashed"])
+    p.add_argument("--image-size", type=int, default=84)
+    p.add_argument("--n-emb", type=int, default=192)
+    p.add_argument("--n-layer", type=int, default=6)
+    p.add_argument("--n-prefix-layers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=100000)
+    p.add_argument("--time-budget-s", type=float, default=3600.0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--weight-decay", type=float, default=1e-3)
+    p.add_argument("--shift", type=int, default=4, help="random image shift in pixels (0: none)")
+    p.add_argument("--save-every-s", type=float, default=600.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    args = p.parse_args(argv)
+    if args.num_inference_steps is None:
+        args.num_inference_steps = 10 if args.objective == "flow" else 100
+    return args
+
+
+def main(argv=None) -> Path:
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

