@@ -15,6 +15,12 @@ SPLITS = ("train", "heldout")
 # task -> goal -> split -> phrasings. The goals of a multi-goal task are listed in their robosuite id order
 # (NutAssembly.nut_to_id, PickPlace.object_to_id).
 INSTRUCTIONS: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
+    "toy": {  # envs/toy.py with language=True: two coloured goals above the wall
+        "red": {"train": ("go to the red dot", "reach the red goal"),
+                "heldout": ("move to the crimson marker", "head for the scarlet spot")},
+        "blue": {"train": ("go to the blue dot", "reach the blue goal"),
+                 "heldout": ("move to the navy marker", "head for the azure spot")},
+    },
     "lift": {
         "cube": {
             "train": ("lift the cube", "pick up the red cube", "raise the cube off the table"),

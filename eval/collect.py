@@ -39,11 +39,9 @@ TASKS = ("lift", "can", "square", "nut_assembly", "pick_place", "toy")  # toy: t
 def make_env_and_expert(task: str, horizon: int, seed: int, cameras: tuple[str, ...] = (), image_size: int = 84,
                         language: bool = False):
     if task == "toy":
-        if cameras or language:
-            raise ValueError("the toy task has no cameras and no language")
         from envs.toy import ToyExpert
 
-        env = make_env("toy", horizon=horizon)
+        env = make_env("toy", horizon=horizon, cameras=cameras, image_size=image_size, language=language)
         return env, ToyExpert(np.random.default_rng(seed))
     from envs.experts import make_expert
 

@@ -27,11 +27,15 @@ def measure_latency(policy, sample_obs: dict[str, np.ndarray], trials: int, seed
     call = {}
 
     def before(i: int) -> None:
-        call["obs"] = {k: torch.from_numpy(v[i % n : i % n + 1]) for k, v in sample_obs.items()}
+        call["obs"] = {k: torch.from_numpy(v[i % n : i % n + 1]) if v.dtype.kind in "biuf" else v[i % n : i % n + 1]
+                       for k, v in sample_obs.items()}  # text (an instruction) stays numpy
         call["init"] = policy.predict_action(call["obs"], generator=gen)["action_pred"] if warm_start else None
 
     def run(i: int) -> None:
-        policy.predict_action(call["obs"], generator=gen, init_action=call["init"], init_step=warm_start)
+        if warm_start:
+            policy.predict_action(call["obs"], generator=gen, init_action=call["init"], init_step=warm_start)
+        else:  # (a policy without warm starts, the VLA, takes no init_action)
+            policy.predict_action(call["obs"], generator=gen)
 
     return time_interleaved([Timed("policy", run, before)], trials, 2, device_sync(policy.device))["policy"]
 
@@ -143,3 +147,17 @@ def measure_cells(cells: list[Cell], checkpoint: Path, device, trials: int, warm
     for label, row in rows.items():
         row["latency_ms"] = {k: round(v, 3) for k, v in latency_stats(times[label]).items()}
     return rows
+
+
+def measure_split(policy, sample_obs: dict[str, np.ndarray], trials: int, seed: int) -> dict[str, float]:
+    """A VLA's batch-1 latency split, median ms over ``trials`` calls after 2 warm-up ones: ``prefix`` (vision,
+    text, prefix layers, the expert's prefix keys/values: once per chunk) and ``expert`` (the K denoising steps)."""
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+    obs = {k: torch.from_numpy(v[:1]) if v.dtype.kind in "biuf" else v[:1] for k, v in sample_obs.items()}
+    rows = []
+    for i in range(trials + 2):
+        timings = {}
+        policy.predict_action(obs, generator=gen, timings=timings)
+        if i >= 2:
+            rows.append(timings)
+    return {k.removesuffix("_s"): round(1e3 * float(np.median([r[k] for r in rows])), 2) for k in rows[0]}

@@ -24,10 +24,15 @@ def check_env_matches_policy(env, policy) -> None:
     missing = [k for k in policy.config.obs_keys if k not in env_keys]
     if missing:
         raise KeyError(f"the env does not provide observation keys {missing} that the policy needs; it has {sorted(env_keys)}")
-    for key, dim in zip(policy.config.obs_keys, policy.config.obs_dims):
+    for key, want in policy.config.obs_shapes().items():
         shape = env.observation_space[key].shape
-        if int(np.prod(shape)) != dim:
-            raise ValueError(f"env observation {key!r} has shape {shape}; the policy was trained with dimension {dim}")
+        if want is None:  # text
+            if shape is not None and shape != ():
+                raise ValueError(f"env observation {key!r} has shape {shape}; the policy reads it as text")
+        elif len(want) == 1 and int(np.prod(shape)) != want[0]:
+            raise ValueError(f"env observation {key!r} has shape {shape}; the policy was trained with dimension {want[0]}")
+        elif len(want) > 1 and tuple(shape) != want:
+            raise ValueError(f"env observation {key!r} has shape {shape}; the policy was trained on {want}")
     if env.action_space.shape[-1] != policy.config.action_dim:
         raise ValueError(f"env action dim {env.action_space.shape[-1]} != policy action dim {policy.config.action_dim}")
 
@@ -74,17 +79,22 @@ def chunk_predictor(policy, n_chunk: int, seed: int, warm_start: int = 0):
                              f" got {warm_start}")
 
         def sample(batch: dict[str, np.ndarray], init: np.ndarray | None, k0: int) -> np.ndarray:
-            obs = {k: torch.from_numpy(v) for k, v in batch.items()}
+            obs = as_torch(batch)
             init_t = None if init is None else torch.from_numpy(init)
             return policy.predict_action(obs, generator=gen, init_action=init_t, init_step=k0)["action_pred"].cpu().numpy()
 
         return WarmStart(sample, policy.config.n_obs_steps, n_chunk, int(warm_start))
 
     def predict(batch: dict[str, np.ndarray]) -> np.ndarray:
-        obs = {k: torch.from_numpy(v) for k, v in batch.items()}
+        obs = as_torch(batch)
         return policy.predict_action(obs, generator=gen)["action_pred"][:, start : start + n_chunk].cpu().numpy()
 
     return predict
+
+
+def as_torch(batch: dict[str, np.ndarray]) -> dict:
+    """Numeric observation arrays as tensors (sharing memory); text (an instruction) stays a numpy array."""
+    return {k: torch.from_numpy(v) if v.dtype.kind in "biuf" else v for k, v in batch.items()}
 
 
 def latency_model(cfg: DictConfig, measured_s: list[float]) -> LatencyModel:

@@ -26,18 +26,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from bac.engine import fingerprint  # noqa: E402
 from bac.loop import LoopConfig, simulate  # noqa: E402
 from bac.metrics import latency_stats, wilson_interval  # noqa: E402
 from bac.rollout import BatchTiming, EpisodeResult  # noqa: E402
 from bac.wallclock import Watchdog, run_wallclock  # noqa: E402
 from envs import make_env  # noqa: E402
 from eval.common import device_name, peak_rss_mb, pick_device, resolve_path, write_atomic  # noqa: E402
-from eval.latency import measure_latency  # noqa: E402
+from eval.latency import measure_latency, measure_split  # noqa: E402
 from eval.rollout_setup import (build_cache, check_env_matches_policy, chunk_predictor, latency_model,  # noqa: E402
                                 loop_config, pooled_envs, probe_obs)
 from eval.rundir import finished_episodes, print_table, run_lock, write_videos  # noqa: E402
 from policies import load_policy  # noqa: E402
+from policies.vla import VLAPolicy  # noqa: E402
 from policies.cache_target import cache_summary, enable_cache  # noqa: E402
 
 
@@ -91,6 +91,7 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     latencies = measure_latency(policy, {k: np.repeat(v, 2, 0) for k, v in sample_obs.items()}, n_lat, int(cfg.eval.seed),
                                 warm_start=warm)
     lat_model = latency_model(cfg, latencies) if loop.mode == "realtime" else None
+    split = measure_split(policy, sample_obs, n_lat, int(cfg.eval.seed)) if isinstance(policy, VLAPolicy) else None
     predict = chunk_predictor(policy, n_chunk, int(cfg.eval.seed), warm_start=warm)
 
     results, timing = list(finished.values()), BatchTiming()
@@ -164,6 +165,7 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "success_ci95": [round(lo, 4), round(hi, 4)],
         "latency_ms": {k: round(v, 2) for k, v in lat.items()},
         "inference_hz": round(1000.0 / lat["p50"], 2),
+        "latency_split_ms": split,  # the VLA's: prefix (once per chunk) and expert (K steps), medians
         "control_hz": round(control_hz, 2),
         "deadline_misses": sum(s.get("deadline_misses", 0) for s in stats),
         "stale_dropped": sum(s.get("stale_dropped", 0) for s in stats),
@@ -176,7 +178,7 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "batched_call_ms": round(1e3 * float(np.median(timing.policy_call_s)), 1) if timing.policy_call_s else None,
         "mean_episode_steps": float(np.mean([r.steps for r in results])),
         "checkpoint": str(cfg.policy.checkpoint),
-        "model_hash": fingerprint(policy.model),  # which weights: a checkpoint folder can be retrained in place
+        "model_hash": policy.cache_target(checkpoint).cache_signature().model_hash,  # a folder can be retrained in place
         "scheduler": pc.scheduler,
         "num_inference_steps": pc.num_inference_steps,
         "n_action_steps": pc.n_action_steps,

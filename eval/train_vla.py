@@ -95,6 +95,22 @@ class LanguageDemos:
         return out
 
 
+def peek(path: str, state_keys: list[str]) -> tuple[list[int], int]:
+    """(dimension of each state key, action dimension) of the first demo of ``path``."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"dataset {path} does not exist; make it with `python eval/collect.py --task <task> "
+                                "--language --cameras agentview,robot0_eye_in_hand --out <path>`")
+    with h5py.File(path, "r") as f:
+        names = demo_names(f["data"])
+        if not names:
+            raise ValueError(f"{path} holds no demos")
+        g = f["data"][names[0]]
+        missing = [k for k in state_keys if k not in g["obs"]]
+        if missing:
+            raise KeyError(f"{path} lacks state keys {missing}; it has {sorted(g['obs'])} (--state-keys)")
+        return [int(np.prod(g["obs"][k].shape[1:])) for k in state_keys], int(g["actions"].shape[1])
+
+
 def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
     """(B, To, H, W, 3) uint8, each sample shifted by up to ``shift`` pixels (the same shift over its To steps)."""
     if shift <= 0:
@@ -112,10 +128,13 @@ def train(args) -> Path:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start = time.time()
+    state_dims, action_dim = peek(args.datasets[0], args.state_keys)
     config = VLAConfig(objective=args.objective, scheduler="flow" if args.objective == "flow" else "ddim",
                        num_inference_steps=args.num_inference_steps, n_emb=args.n_emb, n_layer=args.n_layer,
                        n_prefix_layers=args.n_prefix_layers, text_encoder=args.text_encoder,
-                       image_size=args.image_size)
+                       image_size=args.image_size, cameras=list(args.cameras), state_keys=list(args.state_keys),
+                       state_dims=state_dims, action_dim=action_dim, vision_channels=list(args.vision_channels),
+                       vision_grid=args.vision_grid, n_head=args.n_head)
     data = LanguageDemos(args.datasets, config)
     normalizer = data.normalizer()
     policy = VLAPolicy(config, normalizer).train()
@@ -194,6 +213,11 @@ def parse_args(argv=None):
     p.add_argument("--num-inference-steps", type=int, default=None, help="default: 10 (flow), 100 (ddpm)")
     p.add_argument("--text-encoder", default="minilm", choices=["minilm", "hashed"])
     p.add_argument("--image-size", type=int, default=84)
+    p.add_argument("--cameras", nargs="+", default=["agentview", "robot0_eye_in_hand"])
+    p.add_argument("--state-keys", nargs="+", default=["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"])
+    p.add_argument("--vision-channels", nargs="+", type=int, default=[32, 64, 128])
+    p.add_argument("--vision-grid", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-emb", type=int, default=192)
     p.add_argument("--n-layer", type=int, default=6)
     p.add_argument("--n-prefix-layers", type=int, default=2)

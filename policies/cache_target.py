@@ -1,4 +1,5 @@
-"""DP-T as a cache target (``bac.protocol.CacheTarget``), and attaching a cache to a policy.
+"""DP-T as a cache target (``bac.protocol.CacheTarget``), and attaching a cache to a policy (any policy with a
+``cache_target(checkpoint)``: DP-T here, the VLA in ``policies/vla.py``).
 
 The cache methods are built in ``bac.methods`` from what DP-T offers here: its denoiser, its signature (sampler,
 K, weights), one denoising step as ``predict_action`` runs it, an uncached run over the calibration observations
@@ -97,14 +98,14 @@ class DPTCacheTarget:
 
 def policy_signature(policy) -> tuple[str, int, str]:
     """(scheduler class name, K, model fingerprint): what a schedule must have been made for."""
-    sig = DPTCacheTarget(policy, ".").cache_signature()
+    sig = policy.cache_target(".").cache_signature()
     return sig.scheduler, sig.num_steps, sig.model_hash
 
 
 def make_cache(policy, checkpoint: str | Path, cfg):
     """The schedule or strategy of the cache config ``cfg`` (a mapping with ``name`` and the method's knobs, e.g.
     ``configs/cache/teacache.yaml``) for ``policy``; None for ``none`` (see ``bac.methods``)."""
-    return build_cache(DPTCacheTarget(policy, checkpoint), cfg)
+    return build_cache(policy.cache_target(checkpoint), cfg)
 
 
 def make_schedule(policy, checkpoint: str | Path, method: str, n_updates: int = 10, n_bubble: int = 5,
@@ -120,7 +121,7 @@ def make_schedule(policy, checkpoint: str | Path, method: str, n_updates: int = 
 def enable_cache(policy, schedule, profile: bool = True) -> CacheEngine:
     """Attach an engine running ``schedule`` (a Schedule, a Strategy or None: compute everything) to the
     policy's denoiser; with ``profile``, count its FLOPs once so that ``engine.flops_ratio()`` is available."""
-    engine = attach_to(DPTCacheTarget(policy, "."), schedule, profile=profile)
+    engine = attach_to(policy.cache_target("."), schedule, profile=profile)
     policy.step_cursor = engine
     return engine
 

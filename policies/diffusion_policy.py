@@ -66,6 +66,10 @@ class DPTConfig:
     def obs_dim(self) -> int:
         return sum(self.obs_dims)
 
+    def obs_shapes(self) -> dict[str, tuple[int, ...] | None]:
+        """Per observation key, the shape one env step gives (a flat vector of its dimension)."""
+        return {k: (d,) for k, d in zip(self.obs_keys, self.obs_dims)}
+
 
 class DiffusionTransformerPolicy(nn.Module):
     """DP-T with epsilon prediction over a diffusers noise scheduler and dataset-fitted normalization."""
@@ -201,6 +205,12 @@ class DiffusionTransformerPolicy(nn.Module):
 
     def set_normalizer(self, normalizer: Normalizer) -> None:
         self.normalizer = normalizer
+
+    def cache_target(self, checkpoint=".", obs: dict | None = None):
+        """This policy as ``bac.protocol.CacheTarget`` (``policies.cache_target.DPTCacheTarget``)."""
+        from policies.cache_target import DPTCacheTarget
+
+        return DPTCacheTarget(self, checkpoint, obs)
 
     def config_dict(self) -> dict:
         return asdict(self.config)

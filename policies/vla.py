@@ -92,6 +92,12 @@ class VLAConfig:
     def state_dim(self) -> int:
         return sum(self.state_dims)
 
+    def obs_shapes(self) -> dict[str, tuple[int, ...] | None]:
+        """Per observation key, the shape one env step gives (None: text)."""
+        shapes = {f"{c}_image": (self.image_size, self.image_size, 3) for c in self.cameras}
+        shapes.update({k: (d,) for k, d in zip(self.state_keys, self.state_dims)})
+        return {**shapes, "instruction": None}
+
     @property
     def obs_keys(self) -> list[str]:
         """Every observation key the policy reads."""
@@ -325,6 +331,10 @@ class VLAPolicy(nn.Module):
 
     def config_dict(self) -> dict:
         return asdict(self.config)
+
+    def cache_target(self, checkpoint=None, obs: dict | None = None) -> "VLACacheTarget":
+        """This policy as ``bac.protocol.CacheTarget`` (the engine on the action expert)."""
+        return VLACacheTarget(self, checkpoint, obs)
 
 
 class VLACacheTarget:

@@ -45,3 +45,33 @@ def test_instruction_draw_and_inverse():
 def test_bad_input_is_named(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_language_toy_succeeds_only_at_the_named_goal():
+    from envs.toy import ToyExpert, ToyReachEnv
+
+    env = ToyReachEnv(language=True, image_size=16, cameras=("agentview",), instructions="heldout")
+    expert = ToyExpert(np.random.default_rng(0))
+    goals_seen = set()
+    for seed in range(8):
+        obs, info = env.reset(seed=seed)
+        assert obs["instruction"] in phrasings("toy", info["goal"], "heldout")
+        assert obs["agentview_image"].shape == (16, 16, 3) and env.observation_space.contains(obs)
+        goals_seen.add(info["goal"])
+        expert.reset()
+        for _ in range(env.horizon):
+            obs, _, terminated, truncated, info = env.step(expert.act(obs))
+            if terminated or truncated:
+                break
+        assert terminated and info["placed"] == [env.goal]
+    assert goals_seen == {"red", "blue"}
+    # driving to the other goal is no success
+    obs, info = env.reset(seed=0, options={"goal": "red"})
+    other = env._goals["blue"]
+    for _ in range(env.horizon):
+        obs, _, terminated, truncated, info = env.step(np.clip((other - obs["agent_pos"]) / 0.08, -1, 1))
+        if info["placed"] or truncated:
+            break
+    assert info["placed"] == ["blue"] and not terminated
+    with pytest.raises(ValueError, match="one camera, agentview"):
+        ToyReachEnv(language=True, cameras=("wrist",))
