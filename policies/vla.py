@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import nn
 
+from bac.modcall import bind, needs_module_call
 from bac.sampling import denoise
 from policies.normalizer import Normalizer
 from policies.text_encoder import TEXT_ENCODERS, TextCache, text_encoder
@@ -170,6 +171,26 @@ class ActionExpert(nn.Module):
         """Every layer's cross-attention keys and values of the prefix (B, S, E): once per chunk."""
         return [layer.multihead_attn.project_kv(memory) for layer in self.layers]
 
+    def denoiser(self, memory, memory_mask, timesteps: torch.Tensor):
+        """``f(x, t, k)`` for one sampling run over ``timesteps`` (K,): the same ops as ``self(x, t, memory,
+        memory_mask)``, with the K time embeddings computed at once and the modules used at every step looked up
+        once (``bac.modcall.bind``; with cached blocks, module-call overhead is a visible share of a CPU step)."""
+        if self.training or needs_module_call(self):
+            return lambda x, t, k: self(x, t, memory, memory_mask)
+        t_emb = self.time_emb(timesteps.float().reshape(-1))[:, None]  # (K, 1, E)
+        input_emb, ln_f, head = bind(self.input_emb), bind(self.ln_f), bind(self.head)
+        layers = [bind(layer) for layer in self.layers]
+        kv = memory if isinstance(memory, list) else [memory] * len(layers)
+        pos = self.pos_emb
+
+        def step(x: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
+            h = input_emb(x) + pos[:, : x.shape[1]] + t_emb[k]
+            for layer, mem in zip(layers, kv):
+                h = layer(h, mem, None, memory_mask)
+            return head(ln_f(h))
+
+        return step
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, memory, memory_mask=None) -> torch.Tensor:
         """``memory``: the prefix (B, S, E), or ``prefix_kv``'s per-layer keys and values; ``memory_mask``:
         additive (B, 1, 1, S), -inf on padding."""
@@ -296,9 +317,10 @@ class VLAPolicy(nn.Module):
             noise = torch.randn((B, c.horizon, c.action_dim), generator=generator, device=self.device)
         elif tuple(noise.shape) != (B, c.horizon, c.action_dim):
             raise ValueError(f"noise must have shape {(B, c.horizon, c.action_dim)}, got {tuple(noise.shape)}")
-        expert = self.expert
-        naction = denoise(lambda x, t, k: expert(x, t, memory, mask), self.noise_scheduler, noise,
-                          c.num_inference_steps, generator=generator, cursor=self.step_cursor)
+        self.noise_scheduler.set_timesteps(c.num_inference_steps, device=self.device)
+        step = self.expert.denoiser(memory, mask, self.noise_scheduler.timesteps)
+        naction = denoise(step, self.noise_scheduler, noise, c.num_inference_steps, generator=generator,
+                          cursor=self.step_cursor)
         if not torch.isfinite(naction).all():
             raise FloatingPointError(f"the sampled actions hold NaN or inf ({c.scheduler}, K={c.num_inference_steps})")
         action_pred = self.normalizer.unnormalize("action", naction.clamp(-1.0, 1.0))
