@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 import eval.collect as collect
 import eval.run as run
@@ -50,3 +51,37 @@ def test_language_toy_demos_training_and_rollouts(tmp_path):
         assert len((tmp_path / cache / "episodes.jsonl").read_text().splitlines()) == 3
     assert summaries["none"]["flops_ratio"] == 1.0 and summaries["bac"]["flops_ratio"] < 1.0
     assert summaries["bac"]["cache_stats"]["schedule"]["method"] == "bac"
+
+
+def test_training_windows_pad_like_diffusion_policy_and_the_shift_keeps_images(tmp_path):
+    """Window s of a demo: observations of steps s - (To - 1) .. s clipped at the start, actions of s - (To - 1) ..
+    clipped at the end (DP-T's padding); every demo's windows counted; the random shift moves whole images."""
+    import torch
+
+    from envs.recorder import DemoWriter
+    from policies.vla import VLAConfig
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.hdf5"
+    with DemoWriter(path, {"env_name": "ToyReach"}) as w:
+        for L in (5, 9):
+            w.add(obs={"agent_pos": np.arange(L, dtype=np.float32)[:, None].repeat(2, 1),
+                       "agentview_image": rng.integers(0, 256, (L, 8, 8, 3), dtype=np.uint8)},
+                  actions=np.arange(L, dtype=np.float32)[:, None].repeat(2, 1), instruction="go to the red dot",
+                  goal="red")
+    c = VLAConfig(cameras=["agentview"], state_keys=["agent_pos"], state_dims=[2], action_dim=2, image_size=8,
+                  horizon=8, n_obs_steps=2, n_action_steps=4, text_encoder="hashed")
+    data = train_vla.LanguageDemos([str(path)], c)
+    assert len(data.windows) == (5 + 4 - 8 + 1) + (9 + 4 - 8 + 1)
+    first = data.window(0, 0)
+    assert first["state"][:, 0].tolist() == [0, 0] and first["actions"][:, 0].tolist() == [0, 0, 1, 2, 3, 4, 4, 4]
+    np.testing.assert_array_equal(first["agentview_image"][0], data.demos[0]["images"]["agentview"][0])
+    batch = data.batch(np.array([0, len(data.windows) - 1]))
+    assert batch["agentview_image"].shape == (2, 2, 8, 8, 3) and batch["instruction"] == ["go to the red dot"] * 2
+    images = torch.from_numpy(batch["agentview_image"])
+    shifted = train_vla.random_shift(images, 2, torch.Generator().manual_seed(0))
+    assert shifted.dtype == torch.uint8 and shifted.shape == images.shape
+    assert torch.equal(train_vla.random_shift(images, 0, torch.Generator()), images)
+    with pytest.raises(ValueError, match="holds 8 px images; the policy is configured for 84"):
+        train_vla.LanguageDemos([str(path)], VLAConfig(cameras=["agentview"], state_keys=["agent_pos"], state_dims=[2],
+                                                       action_dim=2, text_encoder="hashed"))
