@@ -35,7 +35,8 @@ class DiTVideoConfig(GeneratorConfig):
 
     frames: int = 8
     canvas: int = 16          # H = W of a frame
-    digit: int = 8            # pixels of the moving digit (scikit-learn's digits are 8x8)
+    digit: int = 12           # pixels of the moving digit (scikit-learn's 8x8 digits, bilinear upsampled: 8 px
+                              # ones, one stroke per pixel, still came out as speckle after 1485 steps)
     in_channels: int = 1
     patch_size: int = 2       # 4 pixels per token (patch 4 on a 32-pixel canvas left speckle after 1200 steps)
     num_layers: int = 3       # spatial blocks; as many temporal ones
