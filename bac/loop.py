@@ -86,10 +86,11 @@ def simulate(
         if record[i]:
             frames[i].append(env.render())
 
-    def finish(i: int, success: bool, steps: int) -> None:
+    def finish(i: int, success: bool, steps: int, info: dict) -> None:
         s = streams[i].stats
+        outcome = {k: v for k, v in info.items() if k != "is_success"} or None
         results[i] = EpisodeResult(int(seeds[i]), bool(success), steps, rewards[i], s.n_inferences, sim_time[i],
-                                   frames[i], loop=s.to_json())
+                                   frames[i], loop=s.to_json(), outcome=outcome)
         if on_episode_end is not None:
             on_episode_end(results[i])
 
@@ -130,8 +131,8 @@ def simulate(
                 frames[i].append(envs[i].render())
             steps = tick + 1
             if info.get("is_success", False):
-                finish(i, True, steps)
+                finish(i, True, steps, info)
             elif terminated or truncated or steps >= max_steps:
-                finish(i, False, steps)
+                finish(i, False, steps, info)
         tick += 1
     return results  # type: ignore[return-value]

@@ -48,12 +48,14 @@ class EpisodeResult:
     sim_time_s: float
     frames: list = field(default_factory=list, repr=False)
     loop: dict | None = None  # the control loop's per-episode stats (bac.stream.LoopStats.to_json)
+    outcome: dict | None = None  # the env's last info beyond is_success (a language scene's goal, placed, handled)
 
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("frames")
-        if d["loop"] is None:
-            d.pop("loop")
+        for key in ("loop", "outcome"):
+            if d[key] is None:
+                d.pop(key)
         return d
 
 

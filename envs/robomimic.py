@@ -15,7 +15,8 @@ episode, bit for bit.
 Goals and language: in the multi-object scenes an episode's *goal* names one object (``envs.language.goals``: the
 round or the square nut; milk, bread, cereal or can), drawn from the episode seed unless ``reset(options={"goal":
 ...})`` sets it, and success is *that* object on its peg or in its bin with the gripper away from it (robosuite's
-per-object check); ``info["placed"]`` lists every goal placed, so a policy that moves the wrong object shows.
+per-object check); ``info["placed"]`` lists every goal placed and ``info["handled"]`` every goal whose object has
+been lifted 3 cm above its resting place this episode, so a policy that goes for the wrong object shows.
 With ``language=True`` the observation carries ``instruction`` (a string, one phrasing of the goal from
 ``instructions="train"`` or the held-out ``"heldout"`` paraphrases, drawn from the episode seed). With ``cameras``
 it carries ``<camera>_image`` (H, W, 3) uint8, the right way up (robomimic's keys; shadows and reflections off).
@@ -34,7 +35,8 @@ from envs import language as lang
 
 TASKS: dict[str, str] = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare",
                          "nut_assembly": "NutAssembly", "pick_place": "PickPlace"}
-CAMERAS: tuple[str, ...] = ("agentview", "robot0_eye_in_hand")  # robomimic's image tasks: front view and wrist
+CAMERAS: tuple[str, ...] = ("agentview", "robot0_eye_in_hand")
+HANDLED_DZ = 0.03  # an object lifted this far above where it rested at reset was handled (picked up)  # robomimic's image tasks: front view and wrist
 OBS_KEYS: tuple[str, ...] = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 ACTION_DIM = 7  # OSC_POSE delta: dx, dy, dz, dax, day, daz (axis-angle), gripper (-1 open, +1 close)
 
@@ -103,6 +105,8 @@ class RobomimicEnv(gym.Env):
         self.language, self.instructions = language, instructions
         self.goals = lang.goals(task)
         self.goal, self.instruction = self.goals[0], None
+        self._rest: dict[str, float] | None = None
+        self._handled: set[str] = set()
         self._env_kwargs: dict[str, Any] = dict(
             robots="Panda",
             controller_configs=None,  # robosuite's default: BASIC composite with an OSC_POSE delta arm
@@ -151,6 +155,7 @@ class RobomimicEnv(gym.Env):
         self.goal = goal
         self.instruction = lang.instruction(self.task, goal, self.instructions, words) if self.language else None
         raw = self._env.reset()
+        self._rest = None  # set by the first success check: the objects' resting heights
         if self.cameras:  # the reset's images were rendered before the flags below could be set: render them again
             self._fast_rendering()  # (the images alone: the low-dim observation stays robosuite's reset one)
             raw = dict(raw)
@@ -180,7 +185,21 @@ class RobomimicEnv(gym.Env):
             return {"is_success": done}
         flags = self._env.objects_on_pegs if self.task == "nut_assembly" else self._env.objects_in_bins
         placed = [g for g, f in zip(self.goals, flags) if f]
-        return {"is_success": self.goal in placed, "placed": placed}
+        heights = self._object_heights()
+        if self._rest is None:  # the reset: where each object rests
+            self._rest, self._handled = heights, set()
+        self._handled |= {g for g in self.goals if heights[g] > self._rest[g] + HANDLED_DZ}
+        return {"is_success": self.goal in placed, "goal": self.goal, "placed": placed,
+                "handled": [g for g in self.goals if g in self._handled]}
+
+    def _object_heights(self) -> dict[str, float]:
+        """Height of each goal's object (its body origin)."""
+        rs = self._env
+        if self.task == "nut_assembly":
+            names = {g: rs.nuts[rs.nut_to_id[g]].name for g in self.goals}
+        else:
+            names = {g: g.capitalize() for g in self.goals}
+        return {g: float(rs.sim.data.body_xpos[rs.obj_body_id[n]][2]) for g, n in names.items()}
 
     def hold_action(self, last: np.ndarray | None = None) -> np.ndarray:
         """What a late policy leaves the arm doing: no motion (a zero OSC delta), the gripper as last commanded."""

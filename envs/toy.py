@@ -117,6 +117,7 @@ class ToyReachEnv(gym.Env):
         truncated = self._t >= self.horizon
         info = {"is_success": success}
         if self.language:
+            info["goal"] = self.goal
             info["placed"] = [g for g, p in self._goals.items() if np.linalg.norm(self._agent - p) < GOAL_TOLERANCE]
         return self._obs(), float(success), success, truncated, info
 

@@ -191,11 +191,29 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "wall_time_s": round(time.time() - t_start, 1),
         "peak_rss_mb": peak_rss_mb(),
         "seeds": [seeds[0], seeds[-1]],
+        "language": language_stats(results),
     }
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print_table([summary])
+    if summary["language"]:
+        print(f"named goal: {summary['language']}")
     print(f"results in {out_dir}")
     return summary
+
+
+def language_stats(results: list[EpisodeResult]) -> dict | None:
+    """For scenes whose episodes name a goal (``outcome["goal"]``): how often the named object was handled
+    (lifted; where the env reports it) and placed, and how often another one was: the evidence that the
+    instruction is used, short of success. None for other envs."""
+    named = [r.outcome for r in results if r.outcome and "goal" in r.outcome]
+    if not named:
+        return None
+    out = {"n": len(named)}
+    for key in ("handled", "placed"):
+        if all(key in o for o in named):
+            out[f"named_{key}"] = round(float(np.mean([o["goal"] in o[key] for o in named])), 4)
+            out[f"other_{key}"] = round(float(np.mean([any(g != o["goal"] for g in o[key]) for o in named])), 4)
+    return out
 
 
 def wallclock_episodes(cfg, env_kwargs, seeds, predict, policy, loop: LoopConfig, on_end) -> list[EpisodeResult]:

@@ -208,7 +208,7 @@ def test_language_and_cameras():
         assert info["goal"] == "square" and obs["instruction"] in phrasings("nut_assembly", "square", "heldout")
         obs, _, _, _, info = env.step(np.zeros(7, np.float32))
         _assert_in_space(env, obs)
-        assert info == {"is_success": False, "placed": []}
+        assert info == {"is_success": False, "goal": "square", "placed": [], "handled": []}
         with pytest.raises(ValueError, match="task 'nut_assembly' has no goal 'milk'"):
             env.reset(seed=0, options={"goal": "milk"})
         meta = env.env_meta()
@@ -243,9 +243,9 @@ def test_expert_handles_the_named_object(task):
                     obs, _, terminated, truncated, info = env.step(expert.act(obs))
                     if terminated or truncated:
                         break
-                assert set(info["placed"]) <= {goal}, (goal, info)
+                assert set(info["placed"]) <= {goal} and set(info["handled"]) <= {goal}, (goal, info)
                 if info["is_success"]:
-                    assert info["placed"] == [goal]
+                    assert info["placed"] == [goal] and info["handled"] == [goal]
                     done = True
                     break
             assert done, f"{task}: the expert placed no {goal} in 2 episodes"

@@ -48,7 +48,9 @@ def test_language_toy_demos_training_and_rollouts(tmp_path):
                           "eval.n_episodes=3", "eval.n_envs=3", "eval.latency_trials=2")
         summaries[cache] = s = run.evaluate(cfg, tmp_path / cache)
         assert s["n_episodes"] == 3 and set(s["latency_split_ms"]) == {"prefix", "expert"}
-        assert len((tmp_path / cache / "episodes.jsonl").read_text().splitlines()) == 3
+        episodes = [json.loads(line) for line in (tmp_path / cache / "episodes.jsonl").read_text().splitlines()]
+        assert len(episodes) == 3 and all(e["outcome"]["goal"] in ("red", "blue") for e in episodes)
+        assert s["language"]["n"] == 3 and 0 <= s["language"]["named_placed"] <= 1
     assert summaries["none"]["flops_ratio"] == 1.0 and summaries["bac"]["flops_ratio"] < 1.0
     assert summaries["bac"]["cache_stats"]["schedule"]["method"] == "bac"
 
