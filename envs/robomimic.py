@@ -35,8 +35,8 @@ from envs import language as lang
 
 TASKS: dict[str, str] = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare",
                          "nut_assembly": "NutAssembly", "pick_place": "PickPlace"}
-CAMERAS: tuple[str, ...] = ("agentview", "robot0_eye_in_hand")
-HANDLED_DZ = 0.03  # an object lifted this far above where it rested at reset was handled (picked up)  # robomimic's image tasks: front view and wrist
+CAMERAS: tuple[str, ...] = ("agentview", "robot0_eye_in_hand")  # robomimic's image tasks: front view and wrist
+HANDLED_DZ = 0.03  # an object lifted this far above where it rested at reset was handled (picked up)
 OBS_KEYS: tuple[str, ...] = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 ACTION_DIM = 7  # OSC_POSE delta: dx, dy, dz, dax, day, daz (axis-angle), gripper (-1 open, +1 close)
 
@@ -179,7 +179,9 @@ class RobomimicEnv(gym.Env):
 
     def _success_info(self) -> dict:
         """``is_success``: the episode's goal is done (robosuite's check; in a multi-object scene, its per-object
-        check for the named object); ``placed``: every goal whose object is in place (multi-object scenes)."""
+        check for the named object). Multi-object scenes also give the ``goal``, ``placed`` (every goal whose
+        object is in place) and ``handled`` (every goal whose object was lifted ``HANDLED_DZ`` above its resting
+        height this episode; the first call after a reset records those heights)."""
         done = bool(self._env._check_success())
         if len(self.goals) == 1:
             return {"is_success": done}

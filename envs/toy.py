@@ -20,6 +20,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from envs import language as lang
+
 WALL_HALF_WIDTH, WALL_HALF_HEIGHT = 0.3, 0.1  # a box centred at the origin
 GOAL_TOLERANCE = 0.1
 MAX_SPEED = 0.08  # position change per step at |action| = 1
@@ -48,8 +50,6 @@ class ToyReachEnv(gym.Env):
         self.render_size = int(render_size)
         if tuple(cameras) not in ((), ("agentview",)) or (cameras and not language):
             raise ValueError(f"the toy env has one camera, agentview, with language=True; got cameras={cameras}")
-        from envs import language as lang
-
         if instructions not in lang.SPLITS:
             raise ValueError(f"instructions must be one of {lang.SPLITS}, got {instructions!r}")
         self.language, self.image_size, self.instructions = bool(language), int(image_size), instructions
@@ -88,8 +88,6 @@ class ToyReachEnv(gym.Env):
         self._t = 0
         if not self.language:
             return self._obs(), {"is_success": False}
-        from envs import language as lang
-
         left = rng.permutation(self.goals)  # which colour sits on the left
         self._goals = {g: np.array([(-0.5 if i == 0 else 0.5) + rng.uniform(-0.1, 0.1), rng.uniform(0.5, 0.7)])
                        for i, g in enumerate(left)}

@@ -102,3 +102,8 @@ def write_out(path: Path | None, md: str, section: str | None = None) -> None:
     head, rest = text.split(start)
     tail = rest.split(end)[1]
     path.write_text(f"{head}{start}\n{md.strip()}\n{end}{tail}")
+
+
+def as_torch(batch: dict[str, np.ndarray]) -> dict:
+    """Numeric observation arrays as tensors (sharing memory); text (an instruction) stays a numpy array."""
+    return {k: torch.from_numpy(v) if v.dtype.kind in "biuf" else v for k, v in batch.items()}

@@ -12,7 +12,7 @@ import torch
 
 from bac.metrics import latency_stats
 from bac.timing import Timed, device_sync, time_interleaved
-from eval.common import load_bench_obs
+from eval.common import as_torch, load_bench_obs
 from eval.frontier_grid import Cell
 from policies import load_policy
 from policies.cache_target import disable_cache, enable_cache, make_cache, make_schedule
@@ -27,8 +27,7 @@ def measure_latency(policy, sample_obs: dict[str, np.ndarray], trials: int, seed
     call = {}
 
     def before(i: int) -> None:
-        call["obs"] = {k: torch.from_numpy(v[i % n : i % n + 1]) if v.dtype.kind in "biuf" else v[i % n : i % n + 1]
-                       for k, v in sample_obs.items()}  # text (an instruction) stays numpy
+        call["obs"] = as_torch({k: v[i % n : i % n + 1] for k, v in sample_obs.items()})
         call["init"] = policy.predict_action(call["obs"], generator=gen)["action_pred"] if warm_start else None
 
     def run(i: int) -> None:
@@ -153,7 +152,7 @@ def measure_split(policy, sample_obs: dict[str, np.ndarray], trials: int, seed: 
     """A VLA's batch-1 latency split, median ms over ``trials`` calls after 2 warm-up ones: ``prefix`` (vision,
     text, prefix layers, the expert's prefix keys/values: once per chunk) and ``expert`` (the K denoising steps)."""
     gen = torch.Generator(device=policy.device).manual_seed(seed)
-    obs = {k: torch.from_numpy(v[:1]) if v.dtype.kind in "biuf" else v[:1] for k, v in sample_obs.items()}
+    obs = as_torch({k: v[:1] for k, v in sample_obs.items()})
     rows = []
     for i in range(trials + 2):
         timings = {}

@@ -16,6 +16,7 @@ from bac.loop import LatencyModel, LoopConfig
 from bac.rollout import ObsHistory
 from bac.warmstart import WarmStart
 from envs import make_env
+from eval.common import as_torch
 from policies.cache_target import make_cache, make_schedule
 
 
@@ -90,11 +91,6 @@ def chunk_predictor(policy, n_chunk: int, seed: int, warm_start: int = 0):
         return policy.predict_action(obs, generator=gen)["action_pred"][:, start : start + n_chunk].cpu().numpy()
 
     return predict
-
-
-def as_torch(batch: dict[str, np.ndarray]) -> dict:
-    """Numeric observation arrays as tensors (sharing memory); text (an instruction) stays a numpy array."""
-    return {k: torch.from_numpy(v) if v.dtype.kind in "biuf" else v for k, v in batch.items()}
 
 
 def latency_model(cfg: DictConfig, measured_s: list[float]) -> LatencyModel:

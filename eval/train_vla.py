@@ -34,6 +34,8 @@ from bac.files import file_sha256  # noqa: E402
 from envs.recorder import demo_names  # noqa: E402
 from eval.train import EMA, lr_at, optimizer_groups, steps_for_budget  # noqa: E402
 from policies import Normalizer, save_policy  # noqa: E402
+from policies.cache_target import calib_obs_path  # noqa: E402
+from policies.text_encoder import TEXT_ENCODERS  # noqa: E402
 from policies.vla import VLAConfig, VLAPolicy  # noqa: E402
 
 
@@ -87,6 +89,18 @@ class LanguageDemos:
         out = {f"{cam}_image": d["images"][cam][obs_steps] for cam in c.cameras}
         out.update(state=d["state"][obs_steps], actions=d["actions"][steps], instruction=d["instruction"])
         return out
+
+    def calibration_obs(self, n: int = 16) -> dict[str, np.ndarray]:
+        """The middle window of each of the first ``n`` demos as the policy's observation keys (state split back
+        per key, the instruction per step): what the calibrated cache methods sample over."""
+        c = self.config
+        rows = [np.flatnonzero(self.windows[:, 0] == i) for i in range(min(n, len(self.demos)))]
+        b = self.batch(np.array([r[len(r) // 2] for r in rows]))
+        obs = {f"{cam}_image": b[f"{cam}_image"] for cam in c.cameras}
+        ends = np.cumsum(c.state_dims)
+        obs.update({k: b["state"][..., end - dim: end] for k, dim, end in zip(c.state_keys, c.state_dims, ends)})
+        obs["instruction"] = np.array([[t] * c.n_obs_steps for t in b["instruction"]])
+        return obs
 
     def batch(self, idx: np.ndarray) -> dict:
         items = [self.window(*self.windows[j]) for j in idx]
@@ -152,20 +166,13 @@ def train(args) -> Path:
               "batch_size": args.batch_size, "lr": args.lr, "shift": args.shift, "threads": args.threads,
               "torch": torch.__version__, "loss_curve": []}
 
+    calib_obs = data.calibration_obs()
+
     def save(step: int) -> None:
         record.update(steps=step, train_wall_s=round(time.time() - t0, 1), total_wall_s=round(time.time() - t_start, 1))
         save_policy(ema.model, out, record)
-        rows = [np.flatnonzero(data.windows[:, 0] == i) for i in range(min(16, len(data.demos)))]
-        calib = data.batch(np.array([r[len(r) // 2] for r in rows]))  # the middle window of the first demos
-        obs = {f"{c}_image": calib[f"{c}_image"] for c in config.cameras}
-        state = calib["state"]
-        start = 0
-        for key, dim in zip(config.state_keys, config.state_dims):
-            obs[key] = state[..., start: start + dim]
-            start += dim
-        obs["instruction"] = np.array([[t] * config.n_obs_steps for t in calib["instruction"]])
-        (out / "calibration").mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out / "calibration" / "calib_obs.npz", **obs)
+        calib_obs_path(out).parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(calib_obs_path(out), **calib_obs)
         print(f"wrote {out} at step {step}", flush=True)
 
     step, running, t0, last_save = 0, 0.0, time.time(), time.time()
@@ -206,21 +213,19 @@ def train(args) -> Path:
 
 
 def parse_args(argv=None):
+    d = VLAConfig()  # the architecture's defaults live in the config
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", required=True)
     p.add_argument("--out", default="checkpoints/vla")
     p.add_argument("--objective", default="flow", choices=["flow", "ddpm"])
     p.add_argument("--num-inference-steps", type=int, default=None, help="default: 10 (flow), 100 (ddpm)")
-    p.add_argument("--text-encoder", default="minilm", choices=["minilm", "hashed"])
-    p.add_argument("--image-size", type=int, default=84)
-    p.add_argument("--cameras", nargs="+", default=["agentview", "robot0_eye_in_hand"])
-    p.add_argument("--state-keys", nargs="+", default=["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"])
-    p.add_argument("--vision-channels", nargs="+", type=int, default=[32, 64, 128])
-    p.add_argument("--vision-grid", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-emb", type=int, default=192)
-    p.add_argument("--n-layer", type=int, default=6)
-    p.add_argument("--n-prefix-layers", type=int, default=2)
+    p.add_argument("--text-encoder", default=d.text_encoder, choices=TEXT_ENCODERS)
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--cameras", nargs="+", default=d.cameras)
+    p.add_argument("--state-keys", nargs="+", default=d.state_keys)
+    p.add_argument("--vision-channels", nargs="+", type=int, default=d.vision_channels)
+    for flag in ("vision_grid", "n_head", "n_emb", "n_layer", "n_prefix_layers"):
+        p.add_argument("--" + flag.replace("_", "-"), type=int, default=getattr(d, flag))
     p.add_argument("--steps", type=int, default=100000)
     p.add_argument("--time-budget-s", type=float, default=3600.0)
     p.add_argument("--batch-size", type=int, default=32)

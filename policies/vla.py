@@ -32,8 +32,11 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import nn
 
+from bac.engine import fingerprint
 from bac.modcall import bind, needs_module_call
+from bac.protocol import Signature
 from bac.sampling import denoise
+from policies.cache_target import calib_obs_path
 from policies.normalizer import Normalizer
 from policies.text_encoder import TEXT_ENCODERS, TextCache, text_encoder
 from policies.transformer_for_diffusion import Attention, DecoderLayer, SinusoidalPosEmb, TransformerForDiffusion
@@ -92,6 +95,15 @@ class VLAConfig:
     @property
     def state_dim(self) -> int:
         return sum(self.state_dims)
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.n_image_steps * len(self.cameras) * self.vision_grid ** 2
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        """S: text, image and state tokens."""
+        return self.max_text_tokens + self.n_image_tokens + self.n_obs_steps
 
     def obs_shapes(self) -> dict[str, tuple[int, ...] | None]:
         """Per observation key, the shape one env step gives (None: text)."""
@@ -171,6 +183,10 @@ class ActionExpert(nn.Module):
         """Every layer's cross-attention keys and values of the prefix (B, S, E): once per chunk."""
         return [layer.multihead_attn.project_kv(memory) for layer in self.layers]
 
+    def _per_layer(self, memory) -> list:
+        """``prefix_kv``'s list as it is, or the prefix (B, S, E) once per layer."""
+        return memory if isinstance(memory, list) else [memory] * len(self.layers)
+
     def denoiser(self, memory, memory_mask, timesteps: torch.Tensor):
         """``f(x, t, k)`` for one sampling run over ``timesteps`` (K,): the same ops as ``self(x, t, memory,
         memory_mask)``, with the K time embeddings computed at once and the modules used at every step looked up
@@ -180,7 +196,7 @@ class ActionExpert(nn.Module):
         t_emb = self.time_emb(timesteps.float().reshape(-1))[:, None]  # (K, 1, E)
         input_emb, ln_f, head = bind(self.input_emb), bind(self.ln_f), bind(self.head)
         layers = [bind(layer) for layer in self.layers]
-        kv = memory if isinstance(memory, list) else [memory] * len(layers)
+        kv = self._per_layer(memory)
         pos = self.pos_emb
 
         def step(x: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
@@ -197,8 +213,7 @@ class ActionExpert(nn.Module):
         B = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32).reshape(-1).expand(B)  # (B,)
         x = self.input_emb(sample) + self.pos_emb[:, : sample.shape[1]] + self.time_emb(t)[:, None]
-        kv = memory if isinstance(memory, list) else [memory] * len(self.layers)
-        for layer, mem in zip(self.layers, kv):
+        for layer, mem in zip(self.layers, self._per_layer(memory)):
             x = layer(x, mem, None, memory_mask)
         return self.head(self.ln_f(x))
 
@@ -213,9 +228,8 @@ class VLAPolicy(nn.Module):
         self.vision = nn.ModuleDict({cam: VisionEncoder(c.vision_channels, c.vision_grid, E) for cam in c.cameras})
         self.text_proj = nn.Linear(384, E)
         self.state_proj = nn.Linear(c.state_dim, E)
-        n_img = c.vision_grid ** 2
         self.text_pos = nn.Parameter(torch.randn(1, c.max_text_tokens, E) * 0.02)
-        self.image_pos = nn.Parameter(torch.randn(1, c.n_image_steps * len(c.cameras) * n_img, E) * 0.02)
+        self.image_pos = nn.Parameter(torch.randn(1, c.n_image_tokens, E) * 0.02)
         self.state_pos = nn.Parameter(torch.randn(1, c.n_obs_steps, E) * 0.02)
         layer = nn.TransformerEncoderLayer(E, c.n_head, 4 * E, c.p_drop, activation="gelu", batch_first=True,
                                            norm_first=True)
@@ -254,8 +268,7 @@ class VLAPolicy(nn.Module):
             raise KeyError(f"observation is missing keys {missing}; the policy needs {c.obs_keys}, got {sorted(obs)}")
         images = {}
         for cam in c.cameras:
-            x = torch.as_tensor(np.asarray(obs[f"{cam}_image"]) if not torch.is_tensor(obs[f"{cam}_image"])
-                                else obs[f"{cam}_image"])
+            x = torch.as_tensor(obs[f"{cam}_image"])
             want = (c.n_obs_steps, c.image_size, c.image_size, 3)
             if x.ndim != 5 or tuple(x.shape[1:]) != want or x.dtype != torch.uint8:
                 raise ValueError(f"observation '{cam}_image' must be (B, {', '.join(map(str, want))}) uint8, "
@@ -371,20 +384,16 @@ class VLACacheTarget:
     def cache_model(self) -> nn.Module:
         return self.policy.expert
 
-    def cache_signature(self):
-        from bac.engine import fingerprint
-        from bac.protocol import Signature
-
+    def cache_signature(self) -> Signature:
         p = self.policy
         return Signature(type(p.noise_scheduler).__name__, p.config.num_inference_steps, fingerprint(p))
 
     def cache_call(self):
         """One expert call as sampling makes it: the prefix keys/values precomputed, batch 1, zeros."""
         c, p = self.policy.config, self.policy
-        n_prefix = c.max_text_tokens + c.n_image_steps * len(c.cameras) * c.vision_grid ** 2 + c.n_obs_steps
         x = torch.zeros(1, c.horizon, c.action_dim, device=p.device)
         with torch.no_grad():
-            kv = p.expert.prefix_kv(torch.zeros(1, n_prefix, c.n_emb, device=p.device))
+            kv = p.expert.prefix_kv(torch.zeros(1, c.n_prefix_tokens, c.n_emb, device=p.device))
         return lambda: p.expert(x, 0.0, kv, None)
 
     def calibration_obs(self, n: int) -> dict:
@@ -392,9 +401,7 @@ class VLACacheTarget:
             return {k: v[:n] for k, v in self.obs.items()}
         if self.checkpoint is None:
             raise ValueError("VLACacheTarget needs calibration observations (obs=...) or a checkpoint folder")
-        from pathlib import Path
-
-        path = Path(self.checkpoint) / "calibration" / "calib_obs.npz"
+        path = calib_obs_path(self.checkpoint)
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: the calibrated cache methods sample over it (train_vla.py "
                                     "writes it beside the weights)")

@@ -120,26 +120,21 @@ def test_engine_on_the_expert_exact_computing_everything_and_detach_exact(policy
     ctx = CacheContext(target, calibration_inputs=2)
     assert ctx.names == [f"layers.{i}.{b}" for i in range(c.n_layer) for b in ("sa_block", "ca_block", "ff_block")]
     assert ctx.signature.scheduler == "FlowMatchEulerDiscreteScheduler" and ctx.K == K
+    def cached(method, knobs):
+        engine = attach_to(target, build_cache(ctx, {**defaults(method), **knobs}))
+        policy.step_cursor = engine
+        try:
+            return predict(policy, obs)["action_pred"], int(engine.reused.sum())
+        finally:
+            policy.step_cursor = None
+            engine.detach()
+
     for method, knobs in EVERYTHING.items():
-        engine = attach_to(target, build_cache(ctx, {**defaults(method), **knobs}))
-        policy.step_cursor = engine
-        try:
-            out = predict(policy, obs)["action_pred"]
-        finally:
-            policy.step_cursor = None
-            engine.detach()
-        assert torch.equal(out, reference), method
-        assert engine.reused.sum() == 0, method
+        out, reused = cached(method, knobs)
+        assert torch.equal(out, reference) and reused == 0, method
     for method, knobs in SKIPPING.items():
-        engine = attach_to(target, build_cache(ctx, {**defaults(method), **knobs}))
-        policy.step_cursor = engine
-        try:
-            out = predict(policy, obs)["action_pred"]
-        finally:
-            policy.step_cursor = None
-            engine.detach()
-        assert engine.reused.sum() > 0, method
-        assert not torch.equal(out, reference), method
+        out, reused = cached(method, knobs)
+        assert reused > 0 and not torch.equal(out, reference), method
     assert all("forward" not in vars(m) for m in policy.modules())
     assert all(torch.equal(v, state[k]) for k, v in policy.state_dict().items())
     assert torch.equal(predict(policy, obs)["action_pred"], reference)
