@@ -69,11 +69,49 @@ def build_cache(cfg: DictConfig, policy, checkpoint: Path, sample_obs) -> tuple[
     return name, schedule, budget
 
 
-def chunk_predictor(policy, n_chunk: int, seed: int, warm_start: int = 0):
+def token_reuse(cfg: DictConfig, policy, loop: LoopConfig):
+    """The VLA's ``TokenReuse`` that ``policy.token_reuse_threshold`` asks for, or None."""
+    threshold = cfg.policy.get("token_reuse_threshold")
+    if threshold is None:
+        return None
+    from policies.vla import TokenReuse, VLAPolicy
+
+    if not isinstance(policy, VLAPolicy):
+        raise ValueError(f"policy.token_reuse_threshold applies to the VLA's prefix tokens; {type(policy).__name__} has none")
+    if loop.mode == "realtime" or cfg.loop.clock == "wall":
+        raise ValueError("token reuse runs in the offline loop for now: the realtime clock's latency is measured "
+                         "without it (time it with eval/vla_reuse.py)")
+    max_age = cfg.policy.get("token_reuse_max_age")
+    return TokenReuse(float(threshold), None if max_age is None else int(max_age))
+
+
+class StreamPredictor:
+    """``predict(obs, context)`` that tells the policy which stream each row is (``context["streams"]``, from
+    bac.loop): for a policy that keeps per-stream state outside itself, such as the VLA's ``TokenReuse``."""
+
+    takes_context = True
+
+    def __init__(self, policy, start: int, n_chunk: int, gen: torch.Generator, token_reuse):
+        self.policy, self.start, self.n_chunk, self.gen, self.token_reuse = policy, start, n_chunk, gen, token_reuse
+
+    def __call__(self, batch: dict[str, np.ndarray], context: dict | None = None) -> np.ndarray:
+        if context is None:
+            raise ValueError("this predictor needs the loop's context (the stream of each row)")
+        out = self.policy.predict_action(as_torch(batch), generator=self.gen, token_reuse=self.token_reuse,
+                                         streams=list(context["streams"]))
+        return out["action_pred"][:, self.start: self.start + self.n_chunk].cpu().numpy()
+
+
+def chunk_predictor(policy, n_chunk: int, seed: int, warm_start: int = 0, token_reuse=None):
     """``predict(obs numpy) -> (B, n_chunk, Da)``: the predicted actions from the current observation's step on.
-    With ``warm_start`` = k0 > 0, each stream's chunk starts from its previous one at step k0 (bac.warmstart)."""
+    With ``warm_start`` = k0 > 0, each stream's chunk starts from its previous one at step k0 (bac.warmstart);
+    with ``token_reuse`` (policies.vla.TokenReuse), each stream keeps prefix tokens across its calls."""
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     start = policy.config.n_obs_steps - 1
+    if token_reuse is not None:
+        if warm_start:
+            raise ValueError("loop.warm_start and token reuse cannot be combined (the VLA takes no warm start)")
+        return StreamPredictor(policy, start, n_chunk, gen, token_reuse)
     if warm_start:
         if not 0 < warm_start < policy.config.num_inference_steps:
             raise ValueError(f"loop.warm_start must be in [0, num_inference_steps={policy.config.num_inference_steps}),"

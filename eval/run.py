@@ -34,7 +34,7 @@ from envs import make_env  # noqa: E402
 from eval.common import device_name, peak_rss_mb, pick_device, resolve_path, write_atomic  # noqa: E402
 from eval.latency import measure_latency, measure_split  # noqa: E402
 from eval.rollout_setup import (build_cache, check_env_matches_policy, chunk_predictor, latency_model,  # noqa: E402
-                                loop_config, pooled_envs, probe_obs)
+                                loop_config, pooled_envs, probe_obs, token_reuse)
 from eval.rundir import finished_episodes, print_table, run_lock, write_videos  # noqa: E402
 from policies import load_policy  # noqa: E402
 from policies.vla import VLAPolicy  # noqa: E402
@@ -92,7 +92,8 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
                                 warm_start=warm)
     lat_model = latency_model(cfg, latencies) if loop.mode == "realtime" else None
     split = measure_split(policy, sample_obs, n_lat, int(cfg.eval.seed)) if isinstance(policy, VLAPolicy) else None
-    predict = chunk_predictor(policy, n_chunk, int(cfg.eval.seed), warm_start=warm)
+    reuse = token_reuse(cfg, policy, loop)
+    predict = chunk_predictor(policy, n_chunk, int(cfg.eval.seed), warm_start=warm, token_reuse=reuse)
 
     results, timing = list(finished.values()), BatchTiming()
     if results:
@@ -192,6 +193,9 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "seeds": [seeds[0], seeds[-1]],
         "language": language_stats(results),
+        # latency_ms above is without it; eval/vla_reuse.py times it on demo replays
+        "token_reuse": {"threshold": reuse.threshold, "max_age": reuse.max_age,
+                        "image_tokens_recomputed": round(reuse.recompute_fraction, 4)} if reuse else None,
     }
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print_table([summary])

@@ -218,6 +218,55 @@ class ActionExpert(nn.Module):
         return self.head(self.ln_f(x))
 
 
+class TokenReuse:
+    """Reuse of prefix tokens across consecutive control steps (VLA-Cache's idea), held by the caller per stream.
+
+    The prefix is recomputed at every chunk, but most of the camera image is the same as at the previous chunk.
+    An image token whose cell (its ``image_size / vision_grid`` pixels square) changed by at most ``threshold``
+    (mean absolute pixel difference, 0-255, against the frame the token was last computed from) keeps its
+    keys/values in every prefix layer and its output from the stream's previous call; the changed image tokens,
+    image tokens kept ``max_age`` calls in a row, and every text and state token (they read the images, as the
+    text after the image in VLA-Cache's causal prompt) are recomputed, attending to all tokens. An approximation:
+    a kept token's output does not see what changed elsewhere. ``threshold < 0`` recomputes every token at every
+    call (the exactness check).
+
+    ``states`` maps a stream id to what its last call left (a batch with a new id or another instruction
+    recomputes everything); ``recomputed`` / ``offered`` count image tokens over all calls.
+    """
+
+    def __init__(self, threshold: float, max_age: int | None = None):
+        if max_age is not None and max_age < 1:
+            raise ValueError(f"max_age must be >= 1 or None, got {max_age}")
+        self.threshold, self.max_age = float(threshold), max_age
+        self.states: dict = {}
+        self.recomputed = self.offered = 0
+
+    def reset(self) -> None:
+        self.states.clear()
+        self.recomputed = self.offered = 0
+
+    @property
+    def recompute_fraction(self) -> float:
+        return self.recomputed / self.offered if self.offered else 1.0
+
+
+def _prefix_layer_subset(layer: nn.TransformerEncoderLayer, x: torch.Tensor, idx: torch.Tensor, k_all: torch.Tensor,
+                         v_all: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pre-norm encoder layer for the tokens ``idx`` only: x (B, D, E) their inputs; k_all, v_all
+    (B, heads, S, E / heads) every token's keys/values, the ``idx`` ones replaced here; mask additive (B, 1, 1, S).
+    -> (their outputs (B, D, E), keys, values)."""
+    attn = layer.self_attn
+    B, D, E = x.shape
+    h = attn.num_heads
+    q, k, v = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias).view(B, D, 3, h, E // h).permute(2, 0, 3, 1, 4)
+    k_all, v_all = k_all.clone(), v_all.clone()
+    k_all[:, :, idx], v_all[:, :, idx] = k, v
+    y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+    x = x + attn.out_proj(y.transpose(1, 2).reshape(B, D, E))
+    x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
+    return x, k_all, v_all
+
+
 class VLAPolicy(nn.Module):
     """The VLA: ``predict_action`` for inference, ``compute_loss`` for training (see the module docstring)."""
 
@@ -291,8 +340,8 @@ class VLAPolicy(nn.Module):
                              f"got shape {text.shape} dtype {text.dtype}")
         return images, state, [str(t) for t in text]
 
-    def encode_prefix(self, images: dict[str, torch.Tensor], nstate: torch.Tensor, texts: list[str]):
-        """-> prefix (B, S, E), additive cross-attention mask (B, 1, 1, S) (-inf on text padding)."""
+    def prefix_tokens(self, images: dict[str, torch.Tensor], nstate: torch.Tensor, texts: list[str]):
+        """-> the prefix layers' input tokens (B, S, E) and which are kept (B, S) (False on text padding)."""
         c = self.config
         B = nstate.shape[0]
         feats, mask = self.text(texts)  # (B, L, 384), (B, L)
@@ -304,16 +353,85 @@ class VLAPolicy(nn.Module):
         tokens = torch.cat([text_tokens, img_tokens, state_tokens], 1)
         keep = torch.cat([mask.to(self.device), torch.ones(B, tokens.shape[1] - mask.shape[1], dtype=torch.bool,
                                                             device=self.device)], 1)
-        prefix = self.prefix_norm(self.prefix(tokens, src_key_padding_mask=~keep))
+        return tokens, keep
+
+    def encode_prefix(self, images: dict[str, torch.Tensor], nstate: torch.Tensor, texts: list[str],
+                      reuse: TokenReuse | None = None, streams=None):
+        """-> prefix (B, S, E), additive cross-attention mask (B, 1, 1, S) (-inf on text padding). With ``reuse``
+        and one id per row in ``streams``: tokens kept from each stream's previous call (``TokenReuse``)."""
+        tokens, keep = self.prefix_tokens(images, nstate, texts)
         additive = torch.zeros(keep.shape, device=self.device).masked_fill(~keep, float("-inf"))[:, None, None]
-        return prefix, additive
+        if reuse is None:
+            return self.prefix_norm(self.prefix(tokens, src_key_padding_mask=~keep)), additive
+        return self.prefix_norm(self._reuse_prefix(tokens, additive, images, texts, reuse, streams)), additive
+
+    def _reuse_prefix(self, tokens, additive, images, texts, reuse: TokenReuse, streams) -> torch.Tensor:
+        """The prefix layers over the tokens ``reuse`` says changed; the others' keys/values and outputs from each
+        stream's previous call. Updates ``reuse.states`` for ``streams``."""
+        c = self.config
+        B, S, E = tokens.shape
+        if streams is None or len(streams) != B:
+            raise ValueError(f"token reuse needs one stream id per batch row ({B}), got {streams!r}")
+        n, g, T = c.n_image_steps, c.vision_grid, c.max_text_tokens
+        frames = {cam: images[cam][:, -n:] for cam in c.cameras}  # (B, n, H, W, 3) uint8
+        states = [reuse.states.get(s) for s in streams]
+        warm = all(st is not None and st["text"] == t for st, t in zip(states, texts))
+        if warm:
+            age = torch.stack([st["age"] for st in states])  # (B, S)
+            change = []
+            for cam in c.cameras:  # mean |pixel change| per token cell, against the frame it was computed from
+                ref = torch.stack([st["ref"][cam] for st in states])
+                diff = (frames[cam].float() - ref.float()).abs().mean(-1).flatten(0, 1)  # (B n, H, W)
+                change.append(F.adaptive_avg_pool2d(diff[:, None], g).view(B, n, g * g))
+            change = torch.stack(change, 2).flatten(1)  # (B, n_image_tokens): the image tokens' order
+            stale = age >= reuse.max_age if reuse.max_age is not None else torch.zeros_like(age, dtype=torch.bool)
+            dynamic = torch.ones(S, dtype=torch.bool, device=tokens.device)  # text and state: always recomputed
+            if reuse.threshold >= 0:
+                dynamic[T: T + c.n_image_tokens] = stale[:, T: T + c.n_image_tokens].any(0) | (change > reuse.threshold).any(0)
+            idx = dynamic.nonzero().squeeze(1)
+            kv = [(torch.stack([st["kv"][i][0] for st in states]), torch.stack([st["kv"][i][1] for st in states]))
+                  for i in range(len(self.prefix.layers))]
+            out = torch.stack([st["out"] for st in states])
+        else:
+            idx = torch.arange(S, device=tokens.device)
+            shape = (B, c.n_head, S, E // c.n_head)
+            kv = [(tokens.new_zeros(shape), tokens.new_zeros(shape)) for _ in self.prefix.layers]
+            out, age = tokens.new_zeros(B, S, E), torch.zeros(B, S, dtype=torch.long, device=tokens.device)
+        x = tokens[:, idx]
+        for i, layer in enumerate(self.prefix.layers):
+            x, k, v = _prefix_layer_subset(layer, x, idx, kv[i][0], kv[i][1], additive)
+            kv[i] = (k, v)
+        out = out.clone()
+        out[:, idx] = x
+        age = age + 1
+        age[:, idx] = 0
+        image_idx = idx[(idx >= T) & (idx < T + c.n_image_tokens)] - T
+        reuse.recomputed += B * len(image_idx)
+        reuse.offered += B * c.n_image_tokens
+        cell = c.image_size / g
+        for b, s in enumerate(streams):
+            st = states[b] if warm else {"text": texts[b], "ref": {cam: frames[cam][b].clone() for cam in c.cameras}}
+            for j in image_idx.tolist() if warm else []:  # the recomputed cells' reference becomes this frame
+                step, rest = divmod(j, len(c.cameras) * g * g)
+                cam, cel = divmod(rest, g * g)
+                r, q = divmod(cel, g)
+                rs = slice(int(r * cell), int(np.ceil((r + 1) * cell)))
+                cs = slice(int(q * cell), int(np.ceil((q + 1) * cell)))
+                name = c.cameras[cam]
+                st["ref"][name][step, rs, cs] = frames[name][b, step, rs, cs]
+            st.update(kv=[(k[b], v[b]) for k, v in kv], out=out[b], age=age[b])
+            reuse.states[s] = st
+        return out
 
     # ---------------------------------------------------------------- inference
     @torch.inference_mode()
     def predict_action(self, obs: dict, generator: torch.Generator | None = None, reuse_prefix_kv: bool = True,
-                       timings: dict | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       timings: dict | None = None, noise: torch.Tensor | None = None,
+                       token_reuse: TokenReuse | None = None, streams=None) -> dict[str, torch.Tensor]:
         """-> ``{"action": (B, Ta, Da), "action_pred": (B, T, Da)}``, unnormalized. ``noise`` (B, T, Da) replaces
         the initial noise drawn from ``generator`` (which still drives a stochastic sampler's steps).
+        ``token_reuse`` with ``streams`` (one id per row): prefix tokens kept across calls (``TokenReuse``; the
+        caller owns that state, the policy keeps none).
         ``timings``, when given, gets
         ``prefix_s`` (vision, text, prefix layers and, with ``reuse_prefix_kv``, the expert's prefix keys/values)
         and ``expert_s`` (the K denoising steps)."""
@@ -322,7 +440,7 @@ class VLAPolicy(nn.Module):
         c = self.config
         t0 = time.perf_counter()
         images, state, texts = self.check_obs(obs)
-        prefix, mask = self.encode_prefix(images, self.normalizer.normalize("state", state), texts)
+        prefix, mask = self.encode_prefix(images, self.normalizer.normalize("state", state), texts, token_reuse, streams)
         memory = self.expert.prefix_kv(prefix) if reuse_prefix_kv else prefix
         t1 = time.perf_counter()
         B = prefix.shape[0]

@@ -12,7 +12,7 @@ from bac.methods.context import CacheContext
 from bac.protocol import CacheTarget, attach_to
 from policies import load_policy, save_policy
 from policies.normalizer import Normalizer
-from policies.vla import VLACacheTarget, VLAConfig, VLAPolicy
+from policies.vla import TokenReuse, VLACacheTarget, VLAConfig, VLAPolicy
 
 K = 4
 TEXTS = ("put the round nut on its peg", "put the square nut on its peg", "put the milk in its bin")
@@ -108,6 +108,63 @@ EVERYTHING = {"none": {}, "uniform": {"n_updates": K}, "bac": {"n_updates": K, "
               "fbcache": {"threshold": 0.0}, "taylorseer": {"interval": 1}, "teacache": {"delta": 0.0}}
 SKIPPING = {"uniform": {"n_updates": 2}, "bac": {"n_updates": 2, "n_bubble": 1}, "taylorseer": {"interval": 3},
             "fbcache": {"threshold": 10.0}}
+
+
+def _next_frame(obs: dict, c: VLAConfig, cell_changed: tuple[int, int] | None, seed: int) -> dict:
+    """The following control step: the state moves; the agentview image changes only in one token cell (or not)."""
+    rng = np.random.default_rng(seed)
+    nxt = {k: v.copy() for k, v in obs.items()}
+    for key in c.state_keys:
+        nxt[key] = nxt[key] + rng.normal(0, 0.05, nxt[key].shape).astype(np.float32)
+    if cell_changed is not None:
+        cell = c.image_size // c.vision_grid
+        r, q = cell_changed
+        img = nxt[f"{c.cameras[0]}_image"]
+        img[:, -1, r * cell:(r + 1) * cell, q * cell:(q + 1) * cell] = rng.integers(0, 256, (cell, cell, 3))
+    return nxt
+
+
+def test_token_reuse_across_calls_recomputes_what_changed_and_exact_when_it_recomputes_everything(policy):
+    c = policy.config
+    obs0 = obs_batch(c, B=2)
+    obs1 = _next_frame(obs0, c, (0, 1), seed=1)
+    streams = ["a", "b"]
+    # threshold < 0: every token recomputed at every call = the plain prefix (another kernel: to float tolerance)
+    every = TokenReuse(threshold=-1.0)
+    for o in (obs0, obs1):
+        got = predict(policy, o, token_reuse=every, streams=streams)["action_pred"]
+        torch.testing.assert_close(got, predict(policy, o)["action_pred"], atol=1e-5, rtol=1e-5)
+    assert every.recompute_fraction == 1.0
+    # a real threshold: first call computes all; the next only the changed cell (one camera, one cell) + state
+    reuse = TokenReuse(threshold=1.0)
+    first = predict(policy, obs0, token_reuse=reuse, streams=streams)["action_pred"]
+    torch.testing.assert_close(first, predict(policy, obs0)["action_pred"], atol=1e-5, rtol=1e-5)
+    predict(policy, obs1, token_reuse=reuse, streams=streams)
+    assert reuse.recomputed == 2 * c.n_image_tokens + 2 * 1
+    # unchanged images: the image tokens kept as the last call computed them; text and state tokens recomputed
+    same = TokenReuse(threshold=1.0)
+    predict(policy, obs0, token_reuse=same, streams=streams)
+    kept = {s: same.states[s]["out"].clone() for s in streams}
+    nxt = _next_frame(obs0, c, None, seed=2)
+    predict(policy, nxt, token_reuse=same, streams=streams)
+    n_text, n_img = c.max_text_tokens, c.n_image_tokens
+    for s in streams:
+        assert torch.equal(same.states[s]["out"][n_text: n_text + n_img], kept[s][n_text: n_text + n_img])
+        assert not torch.equal(same.states[s]["out"][n_text + n_img:], kept[s][n_text + n_img:])
+        assert not torch.equal(same.states[s]["out"][:n_text], kept[s][:n_text])
+    # max_age refreshes kept tokens; a new stream id or instruction recomputes everything
+    aged = TokenReuse(threshold=1e9, max_age=1)
+    predict(policy, obs0, token_reuse=aged, streams=streams)
+    predict(policy, nxt, token_reuse=aged, streams=streams)
+    assert aged.recompute_fraction == 0.5  # kept once
+    predict(policy, obs0, token_reuse=aged, streams=streams)
+    assert aged.recompute_fraction == 2 / 3  # then recomputed
+    other = {**nxt, "instruction": nxt["instruction"][::-1].copy()}
+    before = same.recomputed
+    predict(policy, other, token_reuse=same, streams=streams)
+    assert same.recomputed - before == 2 * n_img
+    with pytest.raises(ValueError, match="one stream id per batch row"):
+        predict(policy, obs0, token_reuse=same, streams=["a"])
 
 
 def test_engine_on_the_expert_exact_computing_everything_and_detach_exact(policy):

@@ -11,6 +11,7 @@ import pytest
 import eval.collect as collect
 import eval.run as run
 import eval.train_vla as train_vla
+import eval.vla_reuse as vla_reuse
 from envs.language import phrasings
 from envs.recorder import read_demos
 from policies import load_policy
@@ -53,6 +54,31 @@ def test_language_toy_demos_training_and_rollouts(tmp_path):
         assert s["language"]["n"] == 3 and 0 <= s["language"]["named_placed"] <= 1
     assert summaries["none"]["flops_ratio"] == 1.0 and summaries["bac"]["flops_ratio"] < 1.0
     assert summaries["bac"]["cache_stats"]["schedule"]["method"] == "bac"
+    # prefix tokens kept across control steps, per stream: recomputing all of them repeats the uncached episodes
+    for threshold in (-1, 8):
+        cfg = compose_cfg("env=toy_lang", "policy=vla", f"policy.checkpoint={ckpt}", "eval.n_episodes=3",
+                          "eval.n_envs=3", "eval.latency_trials=2", f"policy.token_reuse_threshold={threshold}")
+        s = run.evaluate(cfg, tmp_path / f"reuse{threshold}")
+        frac = s["token_reuse"]["image_tokens_recomputed"]
+        if threshold < 0:
+            assert frac == 1.0
+            assert [e["steps"] for e in _episodes(tmp_path / "reuse-1")] == [e["steps"] for e in _episodes(tmp_path / "none")]
+        else:
+            assert 0 < frac < 1
+    # the offline timing of it on demo replays: recomputing everything is exact
+    out = tmp_path / "reuse.json"
+    assert vla_reuse.main(["--checkpoint", str(ckpt), "--dataset", str(demos), "--thresholds", "-1", "8",
+                           "--n-demos", "2", "--out", str(out)]) == 0
+    rows = {r["setting"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["t=-1,age=4"]["image_tokens_recomputed"] == 1.0 and rows["t=-1,age=4"]["action_rel_l2_mean"] < 1e-4
+    assert rows["t=8,age=4"]["image_tokens_recomputed"] < 1.0 and rows["plain"]["other_noise_rel_l2_mean"] > 0
+    with pytest.raises(ValueError, match="offline loop"):
+        run.evaluate(compose_cfg("env=toy_lang", "policy=vla", f"policy.checkpoint={ckpt}", "loop=realtime",
+                                 "policy.token_reuse_threshold=8"), tmp_path / "rt")
+
+
+def _episodes(folder):
+    return [json.loads(line) for line in (folder / "episodes.jsonl").read_text().splitlines()]
 
 
 def test_training_windows_pad_like_diffusion_policy_and_the_shift_keeps_images(tmp_path):
