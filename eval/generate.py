@@ -18,6 +18,7 @@ runs instead of the engine, applied and removed around each cached call; its FLO
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -147,6 +148,31 @@ def timed_sampling(label: str, gen, method: Method | None, labels: torch.Tensor,
                  after=lambda r: method.stop())
 
 
+def reference_samples(gen, target, labels: torch.Tensor, noise: torch.Tensor, step_noise, g) -> torch.Tensor:
+    """The uncached samples of ``labels`` from ``noise``; with ``generate.reference_dir``, kept there and reused by
+    every later row of a table whose weights, scheduler, K, guidance, seed and labels are the same (the file's key
+    holds all of them, so another model or setting never reads it)."""
+    folder = g.get("reference_dir")
+    if folder is None:
+        return gen.sample(labels, noise=noise, **step_noise()).cpu()
+    sig = target.cache_signature()
+    key = {"model_hash": sig.model_hash, "scheduler": sig.scheduler, "K": sig.num_steps,
+           "guidance_scale": float(gen.config.guidance_scale), "seed": int(g.seed),
+           "labels": labels.tolist(), "shape": list(noise.shape)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = resolve_path(str(folder)) / f"reference_{digest}.pt"
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["key"] == json.dumps(key, sort_keys=True):
+            return saved["samples"]
+    ref = gen.sample(labels, noise=noise, **step_noise()).cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": json.dumps(key, sort_keys=True), "samples": ref}, tmp)
+    tmp.replace(path)
+    return ref
+
+
 def generate(cfg: DictConfig, out: Path) -> dict:
     torch.set_num_threads(int(cfg.threads))
     b, g = cfg.backend, cfg.generate
@@ -165,7 +191,7 @@ def generate(cfg: DictConfig, out: Path) -> dict:
     noise = gen.noise(len(labels), torch.Generator().manual_seed(int(g.seed)))
     step_noise = lambda: dict(generator=torch.Generator().manual_seed(int(g.seed) + 1))  # noqa: E731  DDPM's
 
-    ref = gen.sample(labels, noise=noise, **step_noise()).cpu()
+    ref = reference_samples(gen, target, labels, noise, step_noise, g)
     method.start(profile=True)
     try:
         cached = method.sample(gen, labels, noise, **step_noise()).cpu()

@@ -221,6 +221,16 @@ def test_generate_end_to_end_on_a_tiny_checkpoint(gen, tmp_path):
     cfg.cache, cfg.generate.timing_rounds = compose_cfg("cache=none", config_name="generate").cache, 0
     untimed = generate(cfg, tmp_path / "runs" / "none")
     assert untimed["speedup"] == {} and untimed["latency_ms"] == {} and untimed["psnr_db"] == 100.0
+    # the uncached reference kept on disk and reused: the same numbers; another seed is another file
+    cfg.generate.reference_dir = str(tmp_path / "refs")
+    first = generate(cfg, tmp_path / "ref1")
+    again = generate(cfg, tmp_path / "ref2")
+    assert len(list((tmp_path / "refs").glob("reference_*.pt"))) == 1
+    assert first["classifier"] == again["classifier"] == untimed["classifier"]
+    cfg.generate.seed = 1
+    generate(cfg, tmp_path / "ref3")
+    assert len(list((tmp_path / "refs").glob("reference_*.pt"))) == 2
+    cfg.generate.seed, cfg.generate.reference_dir = 0, None
     # every run re-timed back to back; the report takes those speedups
     from eval.generate_bench import bench
     from eval.generate_report import load
