@@ -24,6 +24,8 @@ The draws of goal and phrasing use their own generator, so Lift, Can and Square 
 """
 from __future__ import annotations
 
+import gc
+
 import logging
 import string
 from typing import Any
@@ -155,6 +157,10 @@ class RobomimicEnv(gym.Env):
         self.goal = goal
         self.instruction = lang.instruction(self.task, goal, self.instructions, words) if self.language else None
         raw = self._env.reset()
+        # robosuite's hard reset rebuilds the sim and its render contexts; the old ones sit in reference cycles that
+        # hold native (OpenGL) buffers, about 120 MB per reset with two cameras, so collect them now: without this a
+        # 50-episode camera rollout grew past 14 GB and was killed
+        gc.collect()
         self._rest = None  # set by the first success check: the objects' resting heights
         if self.cameras:  # the reset's images were rendered before the flags below could be set: render them again
             self._fast_rendering()  # (the images alone: the low-dim observation stays robosuite's reset one)

@@ -27,13 +27,17 @@ def main(argv=None) -> None:
     ckpt = Path(a.checkpoint)
     record = json.loads((ckpt / "train_record.json").read_text())
     s = json.loads(Path(a.summary).read_text())
+    if "datasets" in record:  # eval/train_vla.py: one or more demo files
+        demos = {"command": a.collect, "datasets": record["datasets"]}
+    else:
+        demos = {"command": a.collect, "dataset": record["dataset"], "sha256": record["dataset_sha256"]}
+    final_loss = record["final_loss"] if "final_loss" in record else record["loss_curve"][-1]["loss"]  # (older VLA records)
     manifest = {
         "task": s["task"],
-        "demos": {"command": a.collect, "dataset": record["dataset"], "sha256": record["dataset_sha256"],
-                  "n_demos": record["n_demos"], "n_windows": record["n_windows"]},
+        "demos": {**demos, "n_demos": record["n_demos"], "n_windows": record["n_windows"]},
         "training": {"commands": record.get("commands", [record["command"]]), "steps": record["steps"],
-                     "batch_size": record["batch_size"], "final_loss": record["final_loss"],
-                     "wall_time_s": record["wall_time_s"], "torch": record["torch"]},
+                     "batch_size": record["batch_size"], "final_loss": final_loss,
+                     "wall_time_s": record.get("wall_time_s", record.get("train_wall_s")), "torch": record["torch"]},
         "evaluation": {
             "command": a.eval_command or f"python eval/run.py env={s['env']} env.task={s['task']} "
                                         f"eval.n_episodes={s['n_episodes']} eval.seed={s['seeds'][0]}",
@@ -41,6 +45,7 @@ def main(argv=None) -> None:
             "n_episodes": s["n_episodes"], "seeds": s["seeds"], "success_rate": s["success_rate"],
             "success_ci95": s["success_ci95"], "latency_ms": s["latency_ms"], "inference_hz": s["inference_hz"],
             "control_hz": s["control_hz"], "device": s["device"],
+            **({"language": s["language"]} if s.get("language") else {}),
         },
     }
     if record.get("init_from"):

@@ -199,7 +199,8 @@ def train(args) -> Path:
         opt.step()
         ema.update(policy, step)
         step += 1
-        running += loss.item()
+        record["final_loss"] = loss.item()  # the last batch's (the curve holds the smoothed values)
+        running += record["final_loss"]
         if step % args.log_every == 0:
             record["loss_curve"].append({"step": step, "loss": running / args.log_every,
                                          "wall_s": round(time.time() - t0, 1)})

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import eval.collect as collect
+import eval.manifest as manifest
 import eval.run as run
 import eval.train_vla as train_vla
 import eval.vla_reuse as vla_reuse
@@ -54,6 +55,13 @@ def test_language_toy_demos_training_and_rollouts(tmp_path):
         assert s["language"]["n"] == 3 and 0 <= s["language"]["named_placed"] <= 1
     assert summaries["none"]["flops_ratio"] == 1.0 and summaries["bac"]["flops_ratio"] < 1.0
     assert summaries["bac"]["cache_stats"]["schedule"]["method"] == "bac"
+    # the manifest of a shipped VLA: its demo files, training and the measured cell with the language stats
+    manifest.main(["--checkpoint", str(ckpt), "--summary", str(tmp_path / "none" / "summary.json"),
+                   "--collect", "python eval/collect.py --task toy --language ..."])
+    m = json.loads((ckpt / "manifest.json").read_text())
+    assert m["demos"]["datasets"][0]["sha256"] == record["datasets"][0]["sha256"] and m["training"]["steps"] == 3
+    assert m["evaluation"]["language"]["n"] == 3 and "weights" in m
+    load_policy(ckpt)  # the weights' hashes kept: it still loads
     # prefix tokens kept across control steps, per stream: recomputing all of them repeats the uncached episodes
     for threshold in (-1, 8):
         cfg = compose_cfg("env=toy_lang", "policy=vla", f"policy.checkpoint={ckpt}", "eval.n_episodes=3",
