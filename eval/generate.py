@@ -159,16 +159,16 @@ def reference_samples(gen, target, labels: torch.Tensor, noise: torch.Tensor, st
     key = {"model_hash": sig.model_hash, "scheduler": sig.scheduler, "K": sig.num_steps,
            "guidance_scale": float(gen.config.guidance_scale), "seed": int(g.seed),
            "labels": labels.tolist(), "shape": list(noise.shape)}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = resolve_path(str(folder)) / f"reference_{digest}.pt"
+    key = json.dumps(key, sort_keys=True)
+    path = resolve_path(str(folder)) / f"reference_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved["key"] == json.dumps(key, sort_keys=True):
+        if saved["key"] == key:
             return saved["samples"]
     ref = gen.sample(labels, noise=noise, **step_noise()).cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"key": json.dumps(key, sort_keys=True), "samples": ref}, tmp)
+    torch.save({"key": key, "samples": ref}, tmp)
     tmp.replace(path)
     return ref
 

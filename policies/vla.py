@@ -241,10 +241,6 @@ class TokenReuse:
         self.states: dict = {}
         self.recomputed = self.offered = 0
 
-    def reset(self) -> None:
-        self.states.clear()
-        self.recomputed = self.offered = 0
-
     @property
     def recompute_fraction(self) -> float:
         return self.recomputed / self.offered if self.offered else 1.0
@@ -376,27 +372,27 @@ class VLAPolicy(nn.Module):
         frames = {cam: images[cam][:, -n:] for cam in c.cameras}  # (B, n, H, W, 3) uint8
         states = [reuse.states.get(s) for s in streams]
         warm = all(st is not None and st["text"] == t for st, t in zip(states, texts))
+        dynamic = torch.ones(S, dtype=torch.bool, device=tokens.device)  # text and state: always recomputed
+        img = slice(T, T + c.n_image_tokens)
         if warm:
             age = torch.stack([st["age"] for st in states])  # (B, S)
-            change = []
-            for cam in c.cameras:  # mean |pixel change| per token cell, against the frame it was computed from
-                ref = torch.stack([st["ref"][cam] for st in states])
-                diff = (frames[cam].float() - ref.float()).abs().mean(-1).flatten(0, 1)  # (B n, H, W)
-                change.append(F.adaptive_avg_pool2d(diff[:, None], g).view(B, n, g * g))
-            change = torch.stack(change, 2).flatten(1)  # (B, n_image_tokens): the image tokens' order
-            stale = age >= reuse.max_age if reuse.max_age is not None else torch.zeros_like(age, dtype=torch.bool)
-            dynamic = torch.ones(S, dtype=torch.bool, device=tokens.device)  # text and state: always recomputed
+            refs = {cam: torch.stack([st["ref"][cam] for st in states]) for cam in c.cameras}
+            change = torch.stack([  # mean |pixel change| per token cell, against the frame it was computed from
+                F.adaptive_avg_pool2d((frames[cam].float() - refs[cam].float()).abs().mean(-1).flatten(0, 1)[:, None],
+                                      g).view(B, n, g * g) for cam in c.cameras], 2).flatten(1)  # (B, image tokens)
             if reuse.threshold >= 0:
-                dynamic[T: T + c.n_image_tokens] = stale[:, T: T + c.n_image_tokens].any(0) | (change > reuse.threshold).any(0)
-            idx = dynamic.nonzero().squeeze(1)
+                dynamic[img] = (change > reuse.threshold).any(0)
+                if reuse.max_age is not None:
+                    dynamic[img] |= (age[:, img] >= reuse.max_age).any(0)
             kv = [(torch.stack([st["kv"][i][0] for st in states]), torch.stack([st["kv"][i][1] for st in states]))
                   for i in range(len(self.prefix.layers))]
             out = torch.stack([st["out"] for st in states])
         else:
-            idx = torch.arange(S, device=tokens.device)
             shape = (B, c.n_head, S, E // c.n_head)
             kv = [(tokens.new_zeros(shape), tokens.new_zeros(shape)) for _ in self.prefix.layers]
             out, age = tokens.new_zeros(B, S, E), torch.zeros(B, S, dtype=torch.long, device=tokens.device)
+            refs = frames
+        idx = dynamic.nonzero().squeeze(1)
         x = tokens[:, idx]
         for i, layer in enumerate(self.prefix.layers):
             x, k, v = _prefix_layer_subset(layer, x, idx, kv[i][0], kv[i][1], additive)
@@ -405,22 +401,16 @@ class VLAPolicy(nn.Module):
         out[:, idx] = x
         age = age + 1
         age[:, idx] = 0
-        image_idx = idx[(idx >= T) & (idx < T + c.n_image_tokens)] - T
-        reuse.recomputed += B * len(image_idx)
+        recomputed = dynamic[img]
+        reuse.recomputed += B * int(recomputed.sum())
         reuse.offered += B * c.n_image_tokens
-        cell = c.image_size / g
+        # the recomputed cells' reference becomes this frame: the token mask upsampled to pixels, per camera
+        cells = recomputed.view(n, len(c.cameras), g, g).transpose(0, 1).float()  # (cams, n, g, g)
+        pixels = F.interpolate(cells, size=(c.image_size, c.image_size), mode="nearest").bool()[..., None]
+        ref = {cam: torch.where(pixels[i], frames[cam], refs[cam]) for i, cam in enumerate(c.cameras)}
         for b, s in enumerate(streams):
-            st = states[b] if warm else {"text": texts[b], "ref": {cam: frames[cam][b].clone() for cam in c.cameras}}
-            for j in image_idx.tolist() if warm else []:  # the recomputed cells' reference becomes this frame
-                step, rest = divmod(j, len(c.cameras) * g * g)
-                cam, cel = divmod(rest, g * g)
-                r, q = divmod(cel, g)
-                rs = slice(int(r * cell), int(np.ceil((r + 1) * cell)))
-                cs = slice(int(q * cell), int(np.ceil((q + 1) * cell)))
-                name = c.cameras[cam]
-                st["ref"][name][step, rs, cs] = frames[name][b, step, rs, cs]
-            st.update(kv=[(k[b], v[b]) for k, v in kv], out=out[b], age=age[b])
-            reuse.states[s] = st
+            reuse.states[s] = {"text": texts[b], "ref": {cam: r[b] for cam, r in ref.items()},
+                               "kv": [(k[b], v[b]) for k, v in kv], "out": out[b], "age": age[b]}
         return out
 
     # ---------------------------------------------------------------- inference

@@ -141,6 +141,8 @@ def test_token_reuse_across_calls_recomputes_what_changed_and_exact_when_it_reco
     torch.testing.assert_close(first, predict(policy, obs0)["action_pred"], atol=1e-5, rtol=1e-5)
     predict(policy, obs1, token_reuse=reuse, streams=streams)
     assert reuse.recomputed == 2 * c.n_image_tokens + 2 * 1
+    predict(policy, obs1, token_reuse=reuse, streams=streams)  # that cell's reference is now obs1's: nothing changed
+    assert reuse.recomputed == 2 * c.n_image_tokens + 2 * 1
     # unchanged images: the image tokens kept as the last call computed them; text and state tokens recomputed
     same = TokenReuse(threshold=1.0)
     predict(policy, obs0, token_reuse=same, streams=streams)
