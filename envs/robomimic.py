@@ -156,11 +156,9 @@ class RobomimicEnv(gym.Env):
             raise ValueError(f"task {self.task!r} has no goal {goal!r}; its goals: {self.goals}")
         self.goal = goal
         self.instruction = lang.instruction(self.task, goal, self.instructions, words) if self.language else None
+        old_ctx = self._render_context()
         raw = self._env.reset()
-        # robosuite's hard reset rebuilds the sim and its render contexts; the old ones sit in reference cycles that
-        # hold native (OpenGL) buffers, about 120 MB per reset with two cameras, so collect them now: without this a
-        # 50-episode camera rollout grew past 14 GB and was killed
-        gc.collect()
+        self._release_render_context(old_ctx)
         self._rest = None  # set by the first success check: the objects' resting heights
         if self.cameras:  # the reset's images were rendered before the flags below could be set: render them again
             self._fast_rendering()  # (the images alone: the low-dim observation stays robosuite's reset one)
@@ -222,6 +220,28 @@ class RobomimicEnv(gym.Env):
         self._fast_rendering()
         frame = self._env.sim.render(width=self.render_size, height=self.render_size, camera_name=self.camera)
         return np.ascontiguousarray(frame[::-1])  # robosuite renders in OpenGL convention (bottom row first)
+
+    def _render_context(self):
+        sim = getattr(self._env, "sim", None)
+        return getattr(sim, "_render_context_offscreen", None)
+
+    def _release_render_context(self, old) -> None:
+        """Free the render context a hard reset replaced, while its own GL context is current.
+
+        robosuite's hard reset rebuilds the sim and its render context; the old one sits in a reference cycle that
+        holds native buffers (about 120 MB per reset with two cameras: a 50-episode camera rollout grew past 14 GB
+        and was killed). Left to the garbage collector, it is freed whenever a collection runs, with the *new*
+        context current: its ``mjr_freeContext`` then deletes the new context's framebuffer and textures (they have
+        the same ids) and every later frame is noise. So free it here with its own context current, collect the
+        cycle (freeing twice is a no-op), and make the new context current again."""
+        new = self._render_context()
+        if old is not None and old is not new:
+            old.gl_ctx.make_current()
+            old.con.free()
+            old.gl_ctx.free()
+        gc.collect()
+        if new is not None:
+            new.gl_ctx.make_current()
 
     def _fast_rendering(self) -> None:
         """Shadows and reflections off (they cost about 2x on a CPU renderer); the context is rebuilt by every hard
