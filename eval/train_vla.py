@@ -16,6 +16,7 @@ windows of the first demos, the instruction included: what the calibrated cache 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -29,6 +30,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from bac.files import file_sha256  # noqa: E402
 from envs.recorder import demo_names  # noqa: E402
@@ -64,7 +66,10 @@ class LanguageDemos:
                     if size != config.image_size:
                         raise ValueError(f"{path}:{name} holds {size} px images; the policy is configured for "
                                          f"{config.image_size} (--image-size)")
-                    state = np.concatenate([g["obs"][k][()].reshape(len(g["actions"]), -1) for k in config.state_keys], -1)
+                    parts = [g["obs"][k][()].reshape(len(g["actions"]), -1) for k in config.state_keys]
+                    parts = [np.pad(x, ((0, 0), (0, dim - x.shape[1]))) if k in config.padded_state_keys else x
+                             for k, dim, x in zip(config.state_keys, config.state_dims, parts)]
+                    state = np.concatenate(parts, -1)
                     self.demos.append({"images": images, "state": state.astype(np.float32),
                                        "actions": g["actions"][()].astype(np.float32),
                                        "instruction": str(instruction), "source": f"{path}:{name}"})
@@ -125,6 +130,47 @@ def peek(path: str, state_keys: list[str]) -> tuple[list[int], int]:
         return [int(np.prod(g["obs"][k].shape[1:])) for k in state_keys], int(g["actions"].shape[1])
 
 
+def state_layout(paths: list[str], state_keys: list[str]) -> tuple[list[int], list[str], int]:
+    """(width of each state key, the keys zero-padded because the datasets disagree on their width, action
+    dimension) over every dataset: a multi-task checkpoint's state token takes the widest of each key."""
+    layouts = {p: peek(p, state_keys) for p in paths}
+    action_dims = {a for _, a in layouts.values()}
+    if len(action_dims) > 1:
+        raise ValueError("the datasets disagree on the action dimension: "
+                         + ", ".join(f"{p}: {a}" for p, (_, a) in layouts.items()))
+    widths = np.array([dims for dims, _ in layouts.values()])  # (datasets, keys)
+    padded = [k for k, col in zip(state_keys, widths.T) if len(set(col)) > 1]
+    return [int(w) for w in widths.max(0)], padded, action_dims.pop()
+
+
+ARCH_FIELDS = ("cameras", "image_size", "state_keys", "action_dim", "horizon", "n_obs_steps", "text_encoder",
+               "max_text_tokens", "vision_channels", "vision_grid", "n_image_steps", "n_emb", "n_head",
+               "n_prefix_layers", "n_layer", "objective")
+
+
+def init_weights(policy: VLAPolicy, directory: str) -> dict:
+    """Start from another VLA checkpoint's (EMA) weights: the same architecture, the state widths free (a Lift
+    checkpoint starts a Lift + Can one, whose ``object`` is wider). Tensors whose shape differs (the state token's
+    projection) keep their fresh init and are listed; the normalizer is this run's data's. Returns the provenance
+    kept in the training record."""
+    d = Path(directory)
+    for name in ("config.json", "model.safetensors"):
+        if not (d / name).exists():
+            raise FileNotFoundError(f"--init-from {d}: {d / name} is missing")
+    source, ours = json.loads((d / "config.json").read_text()), policy.config_dict()
+    diff = {k: (source.get(k), ours[k]) for k in ARCH_FIELDS if source.get(k) != ours[k]}
+    if diff:
+        raise ValueError(f"--init-from {d} does not match this run: "
+                         + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in diff.items()))
+    weights, mine = load_file(str(d / "model.safetensors")), policy.state_dict()
+    fresh = sorted(k for k, v in mine.items() if k not in weights or weights[k].shape != v.shape)
+    policy.load_state_dict({k: v for k, v in weights.items() if k not in fresh}, strict=False)
+    rec_path = d / "train_record.json"
+    rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+    return {"checkpoint": str(d), "steps": rec.get("steps"), "datasets": rec.get("datasets"),
+            "command": rec.get("command"), "init_from": rec.get("init_from"), "fresh_tensors": fresh}
+
+
 def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
     """(B, To, H, W, 3) uint8, each sample shifted by up to ``shift`` pixels (the same shift over its To steps)."""
     if shift <= 0:
@@ -142,16 +188,17 @@ def train(args) -> Path:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start = time.time()
-    state_dims, action_dim = peek(args.datasets[0], args.state_keys)
+    state_dims, padded, action_dim = state_layout(args.datasets, args.state_keys)
     config = VLAConfig(objective=args.objective, scheduler="flow" if args.objective == "flow" else "ddim",
                        num_inference_steps=args.num_inference_steps, n_emb=args.n_emb, n_layer=args.n_layer,
                        n_prefix_layers=args.n_prefix_layers, text_encoder=args.text_encoder,
                        image_size=args.image_size, cameras=list(args.cameras), state_keys=list(args.state_keys),
-                       state_dims=state_dims, action_dim=action_dim, vision_channels=list(args.vision_channels),
+                       state_dims=state_dims, padded_state_keys=padded, action_dim=action_dim, vision_channels=list(args.vision_channels),
                        vision_grid=args.vision_grid, n_head=args.n_head)
     data = LanguageDemos(args.datasets, config)
     normalizer = data.normalizer()
     policy = VLAPolicy(config, normalizer).train()
+    init_record = init_weights(policy, args.init_from) if args.init_from else None
     ema = EMA(policy)
     ema.model.set_normalizer(normalizer)
     opt = torch.optim.AdamW(optimizer_groups(policy, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
@@ -165,6 +212,10 @@ def train(args) -> Path:
               "n_demos": len(data.demos), "n_windows": len(data.windows), "n_params": n_params,
               "batch_size": args.batch_size, "lr": args.lr, "shift": args.shift, "threads": args.threads,
               "torch": torch.__version__, "loss_curve": []}
+    if padded:
+        record["padded_state_keys"] = padded
+    if init_record:
+        record["init_from"] = init_record
 
     calib_obs = data.calibration_obs()
 
@@ -227,6 +278,7 @@ def parse_args(argv=None):
     p.add_argument("--vision-channels", nargs="+", type=int, default=d.vision_channels)
     for flag in ("vision_grid", "n_head", "n_emb", "n_layer", "n_prefix_layers"):
         p.add_argument("--" + flag.replace("_", "-"), type=int, default=getattr(d, flag))
+    p.add_argument("--init-from", default=None, help="VLA checkpoint folder whose weights start this run (same architecture)")
     p.add_argument("--steps", type=int, default=100000)
     p.add_argument("--time-budget-s", type=float, default=3600.0)
     p.add_argument("--batch-size", type=int, default=32)

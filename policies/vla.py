@@ -54,6 +54,9 @@ class VLAConfig:
     image_size: int = 84
     state_keys: list[str] = field(default_factory=lambda: ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"])
     state_dims: list[int] = field(default_factory=lambda: [3, 4, 2])
+    # keys whose width differs across the tasks of a multi-task checkpoint: state_dims holds the widest, and a
+    # narrower observation is zero-padded at its end (e.g. ``object``: 10-d on Lift, 14-d on Can)
+    padded_state_keys: list[str] = field(default_factory=list)
     horizon: int = 16
     n_obs_steps: int = 2
     n_action_steps: int = 8
@@ -87,6 +90,9 @@ class VLAConfig:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if len(self.state_keys) != len(self.state_dims) or not self.cameras:
             raise ValueError("state_keys and state_dims must have the same length, and cameras must not be empty")
+        unknown = [k for k in self.padded_state_keys if k not in self.state_keys]
+        if unknown:
+            raise ValueError(f"padded_state_keys {unknown} are not state keys {self.state_keys}")
         if not 1 <= self.n_image_steps <= self.n_obs_steps:
             raise ValueError(f"n_image_steps must be in [1, n_obs_steps={self.n_obs_steps}], got {self.n_image_steps}")
         if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
@@ -322,8 +328,12 @@ class VLAPolicy(nn.Module):
         parts = []
         for key, dim in zip(c.state_keys, c.state_dims):
             x = torch.as_tensor(obs[key], dtype=torch.float32)
+            if key in c.padded_state_keys and x.ndim == 3 and 0 < x.shape[2] < dim:
+                x = torch.nn.functional.pad(x, (0, dim - x.shape[2]))
             if x.ndim != 3 or x.shape[1] != c.n_obs_steps or x.shape[2] != dim:
-                raise ValueError(f"observation {key!r} must have shape (B, {c.n_obs_steps}, {dim}), got {tuple(x.shape)}")
+                up_to = " (or narrower: zero-padded)" if key in c.padded_state_keys else ""
+                raise ValueError(f"observation {key!r} must have shape (B, {c.n_obs_steps}, {dim}){up_to}, "
+                                 f"got {tuple(x.shape)}")
             if not torch.isfinite(x).all():
                 raise ValueError(f"observation {key!r} holds NaN or inf")
             parts.append(x.to(self.device))

@@ -121,3 +121,58 @@ def test_training_windows_pad_like_diffusion_policy_and_the_shift_keeps_images(t
     with pytest.raises(ValueError, match="holds 8 px images; the policy is configured for 84"):
         train_vla.LanguageDemos([str(path)], VLAConfig(cameras=["agentview"], state_keys=["agent_pos"], state_dims=[2],
                                                        action_dim=2, text_encoder="hashed"))
+
+
+def _object_demos(path, width: int, instruction: str, n: int = 2, L: int = 12):
+    from envs.recorder import DemoWriter
+
+    rng = np.random.default_rng(width)
+    with DemoWriter(path, {"env_name": "ToyReach"}) as w:
+        for _ in range(n):
+            w.add(obs={"agent_pos": rng.normal(size=(L, 2)).astype(np.float32),
+                       "object": rng.normal(size=(L, width)).astype(np.float32),
+                       "agentview_image": rng.integers(0, 256, (L, 16, 16, 3), dtype=np.uint8)},
+                  actions=rng.uniform(-1, 1, (L, 2)).astype(np.float32), instruction=instruction, goal="red")
+
+
+def test_multi_task_state_padding_and_init_from(tmp_path):
+    """Tasks whose ``object`` widths differ (Lift 10, Can 14) train one checkpoint: the state token takes the widest,
+    a narrower observation is zero-padded (the same actions as padding it by hand), a wider one is refused; a run
+    starts from another checkpoint's weights, the state projection fresh when the widths differ."""
+    import torch
+
+    narrow, wide = tmp_path / "narrow.hdf5", tmp_path / "wide.hdf5"
+    _object_demos(narrow, 3, "lift the block")
+    _object_demos(wide, 5, "put the can in its bin")
+    at = TINY.index("agent_pos")
+    tiny = [*TINY[:at], "agent_pos", "object", *TINY[at + 1:]]
+    multi = tmp_path / "multi"
+    train_vla.main(["--datasets", str(narrow), str(wide), "--out", str(multi), "--steps", "2", *tiny])
+    policy = load_policy(multi)
+    assert policy.config.state_dims == [2, 5] and policy.config.padded_state_keys == ["object"]
+    assert json.loads((multi / "train_record.json").read_text())["padded_state_keys"] == ["object"]
+    rng = np.random.default_rng(0)
+    obs = {"agentview_image": rng.integers(0, 256, (1, 2, 16, 16, 3), dtype=np.uint8),
+           "agent_pos": rng.normal(size=(1, 2, 2)).astype(np.float32),
+           "object": rng.normal(size=(1, 2, 3)).astype(np.float32), "instruction": np.array(["lift the block"])}
+    padded = {**obs, "object": np.concatenate([obs["object"], np.zeros((1, 2, 2), np.float32)], -1)}
+    a = policy.predict_action(obs, generator=torch.Generator().manual_seed(0))["action"]
+    b = policy.predict_action(padded, generator=torch.Generator().manual_seed(0))["action"]
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"'object' must have shape \(B, 2, 5\) \(or narrower: zero-padded\)"):
+        policy.predict_action({**obs, "object": np.zeros((1, 2, 6), np.float32)})
+
+    single = tmp_path / "single"  # narrow only: object 3-d
+    train_vla.main(["--datasets", str(narrow), "--out", str(single), "--steps", "2", *tiny])
+    assert load_policy(single).config.padded_state_keys == []
+    again = tmp_path / "again"
+    train_vla.main(["--datasets", str(narrow), str(wide), "--out", str(again), "--steps", "1", "--lr", "0",
+                    "--init-from", str(single), *tiny])
+    init = json.loads((again / "train_record.json").read_text())["init_from"]
+    assert init["checkpoint"] == str(single) and init["steps"] == 2 and init["fresh_tensors"] == ["state_proj.weight"]
+    src, dst = load_policy(single).state_dict(), load_policy(again).state_dict()
+    assert all(torch.equal(src[k], dst[k]) for k in src if k != "state_proj.weight")  # lr 0: the init kept
+    with pytest.raises(ValueError, match="n_emb 32 there, 48 here"):
+        train_vla.main(["--datasets", str(narrow), "--out", str(tmp_path / "bad"), "--steps", "1",
+                        "--init-from", str(single), *tiny[:tiny.index("--n-emb")], "--n-emb", "48",
+                        *tiny[tiny.index("--n-emb") + 2:]])
