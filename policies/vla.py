@@ -237,13 +237,17 @@ class TokenReuse:
     call (the exactness check).
 
     ``states`` maps a stream id to what its last call left (a batch with a new id or another instruction
-    recomputes everything); ``recomputed`` / ``offered`` count image tokens over all calls.
+    recomputes everything), the ``max_streams`` most recently used only (the loop gives each episode its own
+    stream id, so a long run would otherwise keep every episode's); ``recomputed`` / ``offered`` count image
+    tokens over all calls.
     """
 
-    def __init__(self, threshold: float, max_age: int | None = None):
+    def __init__(self, threshold: float, max_age: int | None = None, max_streams: int = 256):
         if max_age is not None and max_age < 1:
             raise ValueError(f"max_age must be >= 1 or None, got {max_age}")
-        self.threshold, self.max_age = float(threshold), max_age
+        if max_streams < 1:
+            raise ValueError(f"max_streams must be >= 1, got {max_streams}")
+        self.threshold, self.max_age, self.max_streams = float(threshold), max_age, max_streams
         self.states: dict = {}
         self.recomputed = self.offered = 0
 
@@ -419,8 +423,11 @@ class VLAPolicy(nn.Module):
         pixels = F.interpolate(cells, size=(c.image_size, c.image_size), mode="nearest").bool()[..., None]
         ref = {cam: torch.where(pixels[i], frames[cam], refs[cam]) for i, cam in enumerate(c.cameras)}
         for b, s in enumerate(streams):
+            reuse.states.pop(s, None)  # re-inserted last: the dict's order is the streams' recency
             reuse.states[s] = {"text": texts[b], "ref": {cam: r[b] for cam, r in ref.items()},
                                "kv": [(k[b], v[b]) for k, v in kv], "out": out[b], "age": age[b]}
+        while len(reuse.states) > reuse.max_streams:
+            reuse.states.pop(next(iter(reuse.states)))
         return out
 
     # ---------------------------------------------------------------- inference

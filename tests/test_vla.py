@@ -167,6 +167,13 @@ def test_token_reuse_across_calls_recomputes_what_changed_and_exact_when_it_reco
     assert same.recomputed - before == 2 * n_img
     with pytest.raises(ValueError, match="one stream id per batch row"):
         predict(policy, obs0, token_reuse=same, streams=["a"])
+    # only the max_streams most recently used streams are kept (each episode of a run is a new stream)
+    few = TokenReuse(threshold=1.0, max_streams=3)
+    for pair in (["a", "b"], ["c", "a"], ["d", "e"]):
+        predict(policy, obs0, token_reuse=few, streams=pair)
+    assert list(few.states) == ["a", "d", "e"]
+    with pytest.raises(ValueError, match="max_streams must be >= 1"):
+        TokenReuse(threshold=1.0, max_streams=0)
 
 
 def test_engine_on_the_expert_exact_computing_everything_and_detach_exact(policy):
