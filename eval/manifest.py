@@ -5,7 +5,8 @@
 
 manifest.json = the demo command, the dataset sha256 and size, every training command (resumes
 included), steps and wall time from train_record.json, and the measured evaluation (success with its
-interval, episodes, seeds, latency, device, the command that measured it).
+interval, episodes, seeds, latency, device, the command that measured it). A multi-task checkpoint takes one
+``--summary`` per task and one ``--collect`` per demo file; its manifest lists ``tasks`` and ``evaluations`` by task.
 """
 from __future__ import annotations
 
@@ -17,36 +18,38 @@ from pathlib import Path
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--summary", required=True, help="summary.json of an eval/run.py run of this checkpoint")
-    p.add_argument("--collect", required=True, help="the command that made the demos")
-    p.add_argument("--eval-command", default=None, help="the eval/run.py command (default: from the summary)")
+    p.add_argument("--summary", required=True, nargs="+",
+                   help="summary.json of an eval/run.py run of this checkpoint (one per task of a multi-task one)")
+    p.add_argument("--collect", required=True, nargs="+", help="the command(s) that made the demos")
+    p.add_argument("--eval-command", default=None, nargs="+",
+                   help="the eval/run.py command of each summary (default: from the summary)")
     p.add_argument("--init-collect", default=None,
                    help="for a run started with train.py --init-from: how the source checkpoint's demos were made")
     p.add_argument("--note", default=None, help="free text kept in the manifest (e.g. what does not work yet)")
     a = p.parse_args(argv)
     ckpt = Path(a.checkpoint)
     record = json.loads((ckpt / "train_record.json").read_text())
-    s = json.loads(Path(a.summary).read_text())
+    summaries = [json.loads(Path(path).read_text()) for path in a.summary]
+    tasks = [s["task"] for s in summaries]
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"one --summary per task, got tasks {tasks}")
+    if a.eval_command and len(a.eval_command) != len(summaries):
+        raise ValueError(f"{len(a.eval_command)} --eval-command for {len(summaries)} --summary")
+    collect = a.collect[0] if len(a.collect) == 1 else a.collect
     if "datasets" in record:  # eval/train_vla.py: one or more demo files
-        demos = {"command": a.collect, "datasets": record["datasets"]}
+        demos = {"command": collect, "datasets": record["datasets"]}
     else:
-        demos = {"command": a.collect, "dataset": record["dataset"], "sha256": record["dataset_sha256"]}
+        demos = {"command": collect, "dataset": record["dataset"], "sha256": record["dataset_sha256"]}
     final_loss = record["final_loss"] if "final_loss" in record else record["loss_curve"][-1]["loss"]  # (older VLA records)
+    commands = a.eval_command or [None] * len(summaries)
+    evaluations = {s["task"]: evaluation(s, cmd) for s, cmd in zip(summaries, commands)}
     manifest = {
-        "task": s["task"],
+        **({"task": tasks[0]} if len(tasks) == 1 else {"tasks": tasks}),
         "demos": {**demos, "n_demos": record["n_demos"], "n_windows": record["n_windows"]},
         "training": {"commands": record.get("commands", [record["command"]]), "steps": record["steps"],
                      "batch_size": record["batch_size"], "final_loss": final_loss,
                      "wall_time_s": record.get("wall_time_s", record.get("train_wall_s")), "torch": record["torch"]},
-        "evaluation": {
-            "command": a.eval_command or f"python eval/run.py env={s['env']} env.task={s['task']} "
-                                        f"eval.n_episodes={s['n_episodes']} eval.seed={s['seeds'][0]}",
-            "cache": s["cache"], "scheduler": s["scheduler"], "num_inference_steps": s["num_inference_steps"],
-            "n_episodes": s["n_episodes"], "seeds": s["seeds"], "success_rate": s["success_rate"],
-            "success_ci95": s["success_ci95"], "latency_ms": s["latency_ms"], "inference_hz": s["inference_hz"],
-            "control_hz": s["control_hz"], "device": s["device"],
-            **({"language": s["language"]} if s.get("language") else {}),
-        },
+        **({"evaluation": evaluations[tasks[0]]} if len(tasks) == 1 else {"evaluations": evaluations}),
     }
     if record.get("init_from"):
         manifest["training"]["init_from"] = dict(record["init_from"], demos_command=a.init_collect)
@@ -56,7 +59,19 @@ def main(argv=None) -> None:
     if old.exists() and "weights" in json.loads(old.read_text()):
         manifest["weights"] = json.loads(old.read_text())["weights"]  # written by save_policy, checked on load
     (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"wrote {ckpt / 'manifest.json'}: {s['task']} success {s['success_rate']:.2f} {s['success_ci95']}")
+    for task, e in evaluations.items():
+        print(f"wrote {ckpt / 'manifest.json'}: {task} success {e['success_rate']:.2f} {e['success_ci95']}")
+
+
+def evaluation(s: dict, command: str | None) -> dict:
+    """The measured cell of one eval/run.py summary."""
+    language = {"language": s["language"]} if s.get("language") else {}
+    return {"command": command or f"python eval/run.py env={s['env']} env.task={s['task']} eval.n_episodes="
+                                  f"{s['n_episodes']} eval.seed={s['seeds'][0]}",
+            "cache": s["cache"], "scheduler": s["scheduler"], "num_inference_steps": s["num_inference_steps"],
+            "n_episodes": s["n_episodes"], "seeds": s["seeds"], "success_rate": s["success_rate"],
+            "success_ci95": s["success_ci95"], "latency_ms": s["latency_ms"], "inference_hz": s["inference_hz"],
+            "control_hz": s["control_hz"], "device": s["device"], **language}
 
 
 if __name__ == "__main__":

@@ -162,6 +162,24 @@ def test_multi_task_state_padding_and_init_from(tmp_path):
     with pytest.raises(ValueError, match=r"'object' must have shape \(B, 2, 5\) \(or narrower: zero-padded\)"):
         policy.predict_action({**obs, "object": np.zeros((1, 2, 6), np.float32)})
 
+    # the manifest of a multi-task checkpoint: one evaluation per task
+    for task, rate in (("lift", 0.9), ("can", 0.6)):
+        (tmp_path / f"{task}.json").write_text(json.dumps({
+            "task": task, "env": "robomimic", "cache": "none", "scheduler": "flow", "num_inference_steps": 4,
+            "n_episodes": 50, "seeds": [0, 49], "success_rate": rate, "success_ci95": [rate - 0.1, rate + 0.1],
+            "latency_ms": {"p50": 1.0}, "inference_hz": 1.0, "control_hz": 1.0, "device": "cpu", "language": None}))
+    manifest.main(["--checkpoint", str(multi), "--summary", str(tmp_path / "lift.json"), str(tmp_path / "can.json"),
+                   "--collect", "collect lift", "collect can", "--eval-command", "run lift", "run can"])
+    m = json.loads((multi / "manifest.json").read_text())
+    assert m["tasks"] == ["lift", "can"] and m["demos"]["command"] == ["collect lift", "collect can"]
+    assert m["evaluations"]["can"]["success_rate"] == 0.6 and m["evaluations"]["lift"]["command"] == "run lift"
+    with pytest.raises(ValueError, match="one --summary per task"):
+        manifest.main(["--checkpoint", str(multi), "--summary", str(tmp_path / "can.json"), str(tmp_path / "can.json"),
+                       "--collect", "c"])
+    with pytest.raises(ValueError, match="1 --eval-command for 2 --summary"):
+        manifest.main(["--checkpoint", str(multi), "--summary", str(tmp_path / "lift.json"), str(tmp_path / "can.json"),
+                       "--collect", "c", "--eval-command", "run"])
+
     single = tmp_path / "single"  # narrow only: object 3-d
     train_vla.main(["--datasets", str(narrow), "--out", str(single), "--steps", "2", *tiny])
     assert load_policy(single).config.padded_state_keys == []
