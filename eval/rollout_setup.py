@@ -30,10 +30,10 @@ def check_env_matches_policy(env, policy) -> None:
         if want is None:  # text
             if shape is not None and shape != ():
                 raise ValueError(f"env observation {key!r} has shape {shape}; the policy reads it as text")
-        elif key in getattr(policy.config, "padded_state_keys", ()) and int(np.prod(shape)) > want[0]:
-            raise ValueError(f"env observation {key!r} has shape {shape}; the policy takes at most {want[0]} (zero-padded)")
-        elif key in getattr(policy.config, "padded_state_keys", ()):
-            pass  # narrower: the policy zero-pads it
+        elif key in getattr(policy.config, "padded_state_keys", ()):  # narrower is zero-padded by the policy
+            if int(np.prod(shape)) > want[0]:
+                raise ValueError(f"env observation {key!r} has shape {shape}; the policy takes at most {want[0]} "
+                                 "(narrower ones zero-padded)")
         elif len(want) == 1 and int(np.prod(shape)) != want[0]:
             raise ValueError(f"env observation {key!r} has shape {shape}; the policy was trained with dimension {want[0]}")
         elif len(want) > 1 and tuple(shape) != want:
