@@ -249,3 +249,23 @@ def test_minilm_encoder_loads_offline_and_separates_the_goals():
     assert feats.shape == (2, 16, 384) and mask.dtype == torch.bool and mask.sum(1).tolist() == [9, 9]
     assert not torch.allclose(feats[0], feats[1])
     assert torch.all(feats[~mask] == 0)
+
+
+@pytest.mark.parametrize("name", ["vla", "vla_lift_can"])
+def test_shipped_vlas_load_and_predict_on_their_calibration_windows(name):
+    """The shipped VLAs load (weights hashed in their manifest) and predict finite actions in range from the demo
+    windows they were calibrated on; the multi-task one zero-pads Lift's 10-d object pose to Can's 14."""
+    from pathlib import Path
+
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / name
+    policy = load_policy(ckpt, num_inference_steps=3)
+    with np.load(ckpt / "calibration" / "calib_obs.npz", allow_pickle=False) as z:
+        obs = {k: z[k][:2] for k in z.files}
+    action = predict(policy, obs)["action"]
+    assert action.shape == (2, policy.config.n_action_steps, 7) and torch.isfinite(action).all()
+    assert action.abs().max() <= 1.5
+    if policy.config.padded_state_keys:
+        assert policy.config.padded_state_keys == ["object"] and obs["object"].shape[-1] == 14
+        assert not obs["object"][..., 10:].any()  # Lift demos: the padding
+        lift = {**obs, "object": obs["object"][..., :10]}
+        assert torch.equal(predict(policy, lift)["action"], action)
