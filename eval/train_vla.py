@@ -72,7 +72,8 @@ class LanguageDemos:
                     state = np.concatenate(parts, -1)
                     self.demos.append({"images": images, "state": state.astype(np.float32),
                                        "actions": g["actions"][()].astype(np.float32),
-                                       "instruction": str(instruction), "source": f"{path}:{name}"})
+                                       "instruction": str(instruction), "source": f"{path}:{name}",
+                                       "file": paths.index(path)})
         if not self.demos:
             raise ValueError(f"no demos in {paths}")
         c = config
@@ -80,6 +81,24 @@ class LanguageDemos:
         # (demo, window start in padded coordinates), every window of every demo
         self.windows = np.array([(i, s) for i, d in enumerate(self.demos)
                                  for s in range(len(d["actions"]) + pad - c.horizon + 1)])
+        self.window_file = np.array([self.demos[i]["file"] for i in self.windows[:, 0]])
+        self.n_files = len(paths)
+
+    def sample(self, n: int, generator: torch.Generator, by: str = "window") -> np.ndarray:
+        """``n`` window indices: uniform over all windows (``by="window"``: a file weighs as much as its demos'
+        length), or a file uniformly and then a window in it (``by="file"``: every task of a multi-task run gets the
+        same share of the batches, however long or many its demos)."""
+        if by == "window":
+            return torch.randint(0, len(self.windows), (n,), generator=generator).numpy()
+        if by != "file":
+            raise ValueError(f"sample by 'window' or 'file', got {by!r}")
+        files = torch.randint(0, self.n_files, (n,), generator=generator).numpy()
+        out = np.empty(n, dtype=np.int64)
+        for f in np.unique(files):
+            pool = np.flatnonzero(self.window_file == f)
+            pick = torch.randint(0, len(pool), (int((files == f).sum()),), generator=generator).numpy()
+            out[files == f] = pool[pick]
+        return out
 
     def normalizer(self) -> Normalizer:
         return Normalizer.fit({"state": np.concatenate([d["state"] for d in self.demos]),
@@ -96,10 +115,13 @@ class LanguageDemos:
         return out
 
     def calibration_obs(self, n: int = 16) -> dict[str, np.ndarray]:
-        """The middle window of each of the first ``n`` demos as the policy's observation keys (state split back
-        per key, the instruction per step): what the calibrated cache methods sample over."""
+        """The middle window of ``n`` demos (the first of each file in turn) as the policy's observation keys (state
+        split back per key, the instruction per step): what the calibrated cache methods sample over."""
         c = self.config
-        rows = [np.flatnonzero(self.windows[:, 0] == i) for i in range(min(n, len(self.demos)))]
+        # the first demos of every file in turn, so a multi-task checkpoint is calibrated on all its tasks
+        per_file = [[i for i, d in enumerate(self.demos) if d["file"] == f] for f in range(self.n_files)]
+        order = [demos[k] for k in range(max(map(len, per_file))) for demos in per_file if k < len(demos)]
+        rows = [np.flatnonzero(self.windows[:, 0] == i) for i in order[:n]]
         b = self.batch(np.array([r[len(r) // 2] for r in rows]))
         obs = {f"{cam}_image": b[f"{cam}_image"] for cam in c.cameras}
         ends = np.cumsum(c.state_dims)
@@ -210,7 +232,8 @@ def train(args) -> Path:
     record = {"command": "python " + shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "datasets": [{"path": p, "sha256": file_sha256(Path(p))} for p in args.datasets],
               "n_demos": len(data.demos), "n_windows": len(data.windows), "n_params": n_params,
-              "batch_size": args.batch_size, "lr": args.lr, "shift": args.shift, "threads": args.threads,
+              "batch_size": args.batch_size, "sample_by": args.sample_by, "lr": args.lr, "shift": args.shift,
+              "threads": args.threads,
               "torch": torch.__version__, "loss_curve": []}
     if padded:
         record["padded_state_keys"] = padded
@@ -235,7 +258,7 @@ def train(args) -> Path:
             total = steps_for_budget(args.time_budget_s, time.time() - t0, 40, time.time() - probe_t0, step, args.steps)
             print(f"--time-budget-s {args.time_budget_s:g}: {40 / (time.time() - probe_t0):.2f} steps/s -> {total} steps",
                   flush=True)
-        idx = torch.randint(0, len(data.windows), (args.batch_size,), generator=g).numpy()
+        idx = data.sample(args.batch_size, g, by=args.sample_by)
         b = data.batch(idx)
         n = config.n_image_steps  # the policy looks at the last n frames only: augment just those
         images = {c: random_shift(torch.from_numpy(b[f"{c}_image"][:, -n:]), args.shift, g) for c in config.cameras}
@@ -282,6 +305,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=100000)
     p.add_argument("--time-budget-s", type=float, default=3600.0)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--sample-by", default="window", choices=["window", "file"],
+                   help="window: uniform over all windows; file: each demo file (task) an equal share of the batches")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--weight-decay", type=float, default=1e-3)

@@ -162,6 +162,24 @@ def test_multi_task_state_padding_and_init_from(tmp_path):
     with pytest.raises(ValueError, match=r"'object' must have shape \(B, 2, 5\) \(or narrower: zero-padded\)"):
         policy.predict_action({**obs, "object": np.zeros((1, 2, 6), np.float32)})
 
+    # per-file sampling gives each task half the batches however long its demos; calibration windows alternate files
+    from policies.vla import VLAConfig
+
+    long = tmp_path / "long.hdf5"
+    _object_demos(long, 5, "put the can in its bin", n=3, L=60)
+    c = VLAConfig(cameras=["agentview"], state_keys=["agent_pos", "object"], state_dims=[2, 5], padded_state_keys=["object"],
+                  action_dim=2, image_size=16, horizon=8, n_obs_steps=2, n_action_steps=4, text_encoder="hashed")
+    data = train_vla.LanguageDemos([str(narrow), str(long)], c)
+    g = torch.Generator().manual_seed(0)
+    by_window = data.window_file[data.sample(4000, g)].mean()
+    by_file = data.window_file[data.sample(4000, g, by="file")].mean()
+    assert by_window > 0.8 and abs(by_file - 0.5) < 0.05
+    with pytest.raises(ValueError, match="sample by 'window' or 'file'"):
+        data.sample(2, g, by="task")
+    calib = data.calibration_obs(n=4)
+    assert [t[0] for t in calib["instruction"]] == ["lift the block", "put the can in its bin"] * 2
+    assert calib["object"].shape == (4, 2, 5) and not calib["object"][0, :, 3:].any()  # narrow: zero-padded
+
     # the manifest of a multi-task checkpoint: one evaluation per task
     for task, rate in (("lift", 0.9), ("can", 0.6)):
         (tmp_path / f"{task}.json").write_text(json.dumps({
