@@ -215,7 +215,8 @@ def train(args) -> Path:
                        num_inference_steps=args.num_inference_steps, n_emb=args.n_emb, n_layer=args.n_layer,
                        n_prefix_layers=args.n_prefix_layers, text_encoder=args.text_encoder,
                        image_size=args.image_size, cameras=list(args.cameras), state_keys=list(args.state_keys),
-                       state_dims=state_dims, padded_state_keys=padded, action_dim=action_dim, vision_channels=list(args.vision_channels),
+                       state_dims=state_dims, padded_state_keys=padded, action_dim=action_dim,
+                       vision_channels=list(args.vision_channels),
                        vision_grid=args.vision_grid, n_head=args.n_head)
     data = LanguageDemos(args.datasets, config)
     normalizer = data.normalizer()
