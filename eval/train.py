@@ -98,24 +98,29 @@ def obs_dims_of(path: Path, obs_keys: list[str]) -> list[int]:
 ARCH_FIELDS = ("obs_keys", "obs_dims", "action_dim", "horizon", "n_obs_steps", "n_layer", "n_head", "n_emb", "causal_attn")
 
 
+def init_source(directory: str | Path, ours: dict, fields: tuple[str, ...]) -> tuple[Path, dict]:
+    """Check an ``--init-from`` folder: its weights and config exist and its config matches ``ours`` on ``fields``
+    (named in the error otherwise). Returns the folder and its training record ({} if it has none)."""
+    d = Path(directory)
+    for name in ("config.json", "model.safetensors"):
+        if not (d / name).exists():
+            raise FileNotFoundError(f"--init-from {d}: {d / name} is missing")
+    source = json.loads((d / "config.json").read_text())
+    diff = {k: (source.get(k), ours[k]) for k in fields if source.get(k) != ours[k]}
+    if diff:
+        raise ValueError(f"--init-from {d} does not match this run: " + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in diff.items()))
+    rec_path = d / "train_record.json"
+    return d, json.loads(rec_path.read_text()) if rec_path.exists() else {}
+
+
 def init_weights(policy: DiffusionTransformerPolicy, directory: str | Path) -> dict:
     """Start from another checkpoint's (EMA) weights, e.g. one trained on an earlier dataset of the same task.
 
     The architecture and observation layout must match; the normalizer is the new dataset's. Returns the
     provenance kept in the training record (the source folder, its steps and its dataset hash).
     """
-    d = Path(directory)
-    for name in ("config.json", "model.safetensors"):
-        if not (d / name).exists():
-            raise FileNotFoundError(f"--init-from {d}: {d / name} is missing")
-    source = json.loads((d / "config.json").read_text())
-    ours = policy.config_dict()
-    diff = {k: (source.get(k), ours[k]) for k in ARCH_FIELDS if source.get(k) != ours[k]}
-    if diff:
-        raise ValueError(f"--init-from {d} does not match this run: " + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in diff.items()))
+    d, rec = init_source(directory, policy.config_dict(), ARCH_FIELDS)
     policy.load_state_dict(load_file(str(d / "model.safetensors")))
-    rec_path = d / "train_record.json"
-    rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
     return {"checkpoint": str(d), "steps": rec.get("steps"), "dataset_sha256": rec.get("dataset_sha256"), "commands": rec.get("commands")}
 
 

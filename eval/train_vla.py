@@ -16,7 +16,6 @@ windows of the first demos, the instruction included: what the calibrated cache 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -34,7 +33,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from bac.files import file_sha256  # noqa: E402
 from envs.recorder import demo_names  # noqa: E402
-from eval.train import EMA, lr_at, optimizer_groups, steps_for_budget  # noqa: E402
+from eval.train import EMA, init_source, lr_at, optimizer_groups, steps_for_budget  # noqa: E402
 from policies import Normalizer, save_policy  # noqa: E402
 from policies.cache_target import calib_obs_path  # noqa: E402
 from policies.text_encoder import TEXT_ENCODERS  # noqa: E402
@@ -47,7 +46,7 @@ class LanguageDemos:
 
     def __init__(self, paths: list[str], config: VLAConfig):
         self.config, self.demos = config, []
-        for path in paths:
+        for file_index, path in enumerate(paths):
             if not Path(path).exists():
                 raise FileNotFoundError(f"dataset {path} does not exist; make it with `python eval/collect.py --task "
                                         f"<task> --language --cameras {','.join(config.cameras)} --out {path}`")
@@ -73,7 +72,7 @@ class LanguageDemos:
                     self.demos.append({"images": images, "state": state.astype(np.float32),
                                        "actions": g["actions"][()].astype(np.float32),
                                        "instruction": str(instruction), "source": f"{path}:{name}",
-                                       "file": paths.index(path)})
+                                       "file": file_index})
         if not self.demos:
             raise ValueError(f"no demos in {paths}")
         c = config
@@ -175,20 +174,10 @@ def init_weights(policy: VLAPolicy, directory: str) -> dict:
     checkpoint starts a Lift + Can one, whose ``object`` is wider). Tensors whose shape differs (the state token's
     projection) keep their fresh init and are listed; the normalizer is this run's data's. Returns the provenance
     kept in the training record."""
-    d = Path(directory)
-    for name in ("config.json", "model.safetensors"):
-        if not (d / name).exists():
-            raise FileNotFoundError(f"--init-from {d}: {d / name} is missing")
-    source, ours = json.loads((d / "config.json").read_text()), policy.config_dict()
-    diff = {k: (source.get(k), ours[k]) for k in ARCH_FIELDS if source.get(k) != ours[k]}
-    if diff:
-        raise ValueError(f"--init-from {d} does not match this run: "
-                         + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in diff.items()))
+    d, rec = init_source(directory, policy.config_dict(), ARCH_FIELDS)
     weights, mine = load_file(str(d / "model.safetensors")), policy.state_dict()
     fresh = sorted(k for k, v in mine.items() if k not in weights or weights[k].shape != v.shape)
     policy.load_state_dict({k: v for k, v in weights.items() if k not in fresh}, strict=False)
-    rec_path = d / "train_record.json"
-    rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
     return {"checkpoint": str(d), "steps": rec.get("steps"), "datasets": rec.get("datasets"),
             "command": rec.get("command"), "init_from": rec.get("init_from"), "fresh_tensors": fresh}
 
