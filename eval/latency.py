@@ -18,25 +18,35 @@ from policies import load_policy
 from policies.cache_target import disable_cache, enable_cache, make_cache, make_schedule
 
 
-def measure_latency(policy, sample_obs: dict[str, np.ndarray], trials: int, seed: int, warm_start: int = 0) -> list[float]:
+def measure_latency(policy, sample_obs: dict[str, np.ndarray], trials: int, seed: int, warm_start: int = 0,
+                    split: dict[str, float] | None = None) -> list[float]:
     """Seconds per batch-1 ``predict_action`` on observations seen in the rollout (2 warm-up calls dropped); with
     ``warm_start`` = k0, the warm-started call (its guess, made off the clock: a cold prediction for the same
-    observation)."""
+    observation). ``split`` (a dict, for a policy whose ``predict_action`` takes ``timings``: the VLA) gets the
+    median ms of each part of those same timed calls (``prefix``, ``expert``), so the split and the latency it
+    splits are measured together, not in two runs that another process can load differently."""
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     n = next(iter(sample_obs.values())).shape[0]
-    call = {}
+    call, parts = {}, []
 
     def before(i: int) -> None:
         call["obs"] = as_torch({k: v[i % n : i % n + 1] for k, v in sample_obs.items()})
         call["init"] = policy.predict_action(call["obs"], generator=gen)["action_pred"] if warm_start else None
 
     def run(i: int) -> None:
+        kw = {} if split is None else {"timings": {}}
         if warm_start:
-            policy.predict_action(call["obs"], generator=gen, init_action=call["init"], init_step=warm_start)
+            policy.predict_action(call["obs"], generator=gen, init_action=call["init"], init_step=warm_start, **kw)
         else:  # (a policy without warm starts, the VLA, takes no init_action)
-            policy.predict_action(call["obs"], generator=gen)
+            policy.predict_action(call["obs"], generator=gen, **kw)
+        if split is not None:
+            parts.append(kw["timings"])
 
-    return time_interleaved([Timed("policy", run, before)], trials, 2, device_sync(policy.device))["policy"]
+    times = time_interleaved([Timed("policy", run, before)], trials, 2, device_sync(policy.device))["policy"]
+    if split is not None:
+        kept = parts[len(parts) - len(times):]  # the warm-up calls' parts dropped, as their times are
+        split.update({k.removesuffix("_s"): round(1e3 * float(np.median([r[k] for r in kept])), 2) for k in kept[0]})
+    return times
 
 
 def measure_budgets(policy, checkpoint: Path, method: str, budgets: list[int], obs: list[dict], trials: int,
@@ -146,17 +156,3 @@ def measure_cells(cells: list[Cell], checkpoint: Path, device, trials: int, warm
     for label, row in rows.items():
         row["latency_ms"] = {k: round(v, 3) for k, v in latency_stats(times[label]).items()}
     return rows
-
-
-def measure_split(policy, sample_obs: dict[str, np.ndarray], trials: int, seed: int) -> dict[str, float]:
-    """A VLA's batch-1 latency split, median ms over ``trials`` calls after 2 warm-up ones: ``prefix`` (vision,
-    text, prefix layers, the expert's prefix keys/values: once per chunk) and ``expert`` (the K denoising steps)."""
-    gen = torch.Generator(device=policy.device).manual_seed(seed)
-    obs = as_torch({k: v[:1] for k, v in sample_obs.items()})
-    rows = []
-    for i in range(trials + 2):
-        timings = {}
-        policy.predict_action(obs, generator=gen, timings=timings)
-        if i >= 2:
-            rows.append(timings)
-    return {k.removesuffix("_s"): round(1e3 * float(np.median([r[k] for r in rows])), 2) for k in rows[0]}

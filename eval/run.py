@@ -32,7 +32,7 @@ from bac.rollout import BatchTiming, EpisodeResult  # noqa: E402
 from bac.wallclock import Watchdog, run_wallclock  # noqa: E402
 from envs import make_env  # noqa: E402
 from eval.common import device_name, peak_rss_mb, pick_device, resolve_path, write_atomic  # noqa: E402
-from eval.latency import measure_latency, measure_split  # noqa: E402
+from eval.latency import measure_latency  # noqa: E402
 from eval.rollout_setup import (build_cache, check_env_matches_policy, chunk_predictor, latency_model,  # noqa: E402
                                 loop_config, pooled_envs, probe_obs, token_reuse)
 from eval.rundir import finished_episodes, print_table, run_lock, write_videos  # noqa: E402
@@ -88,10 +88,10 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     warm = int(cfg.loop.get("warm_start", 0) or 0)
     if warm and cfg.loop.clock == "wall":
         raise ValueError("loop.warm_start runs on the simulated clock; the wall-clock worker keeps no stream memory yet")
+    split = {} if isinstance(policy, VLAPolicy) else None  # the VLA's prefix / expert medians, of the same calls
     latencies = measure_latency(policy, {k: np.repeat(v, 2, 0) for k, v in sample_obs.items()}, n_lat, int(cfg.eval.seed),
-                                warm_start=warm)
+                                warm_start=warm, split=split)
     lat_model = latency_model(cfg, latencies) if loop.mode == "realtime" else None
-    split = measure_split(policy, sample_obs, n_lat, int(cfg.eval.seed)) if isinstance(policy, VLAPolicy) else None
     reuse = token_reuse(cfg, policy, loop)
     predict = chunk_predictor(policy, n_chunk, int(cfg.eval.seed), warm_start=warm, token_reuse=reuse)
 
