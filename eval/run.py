@@ -200,23 +200,39 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print_table([summary])
     if summary["language"]:
-        print(f"named goal: {summary['language']}")
+        lang = dict(summary["language"])
+        per_goal = lang.pop("per_goal", {})
+        print(f"named goal: {lang}")
+        for goal, row in per_goal.items():
+            print(f"  {goal}: " + ", ".join(f"{k} {v}" for k, v in row.items() if not k.endswith("_ci95")))
     print(f"results in {out_dir}")
     return summary
 
 
 def language_stats(results: list[EpisodeResult]) -> dict | None:
     """For scenes whose episodes name a goal (``outcome["goal"]``): how often the named object was handled
-    (lifted; where the env reports it) and placed, and how often another one was: the evidence that the
-    instruction is used, short of success. None for other envs."""
+    (lifted; where the env reports it) and placed, with its 95% interval, how often another one was, and how often
+    only the named one was (the choice made and kept): the evidence that the instruction is used, short of
+    success; ``per_goal`` breaks the named rates down by goal. None for other envs."""
     named = [r.outcome for r in results if r.outcome and "goal" in r.outcome]
     if not named:
         return None
-    out = {"n": len(named)}
-    for key in ("handled", "placed"):
-        if all(key in o for o in named):
-            out[f"named_{key}"] = round(float(np.mean([o["goal"] in o[key] for o in named])), 4)
-            out[f"other_{key}"] = round(float(np.mean([any(g != o["goal"] for g in o[key]) for o in named])), 4)
+
+    def rates(outcomes: list[dict]) -> dict:
+        out = {"n": len(outcomes)}
+        for key in ("handled", "placed"):
+            if all(key in o for o in outcomes):
+                hits = sum(o["goal"] in o[key] for o in outcomes)
+                out[f"named_{key}"] = round(hits / len(outcomes), 4)
+                out[f"named_{key}_ci95"] = [round(b, 4) for b in wilson_interval(hits, len(outcomes))]
+                out[f"other_{key}"] = round(float(np.mean([any(g != o["goal"] for g in o[key]) for o in outcomes])), 4)
+                out[f"only_named_{key}"] = round(float(np.mean([set(o[key]) == {o["goal"]} for o in outcomes])), 4)
+        return out
+
+    out = rates(named)
+    goals = sorted({o["goal"] for o in named})
+    if len(goals) > 1:
+        out["per_goal"] = {g: rates([o for o in named if o["goal"] == g]) for g in goals}
     return out
 
 

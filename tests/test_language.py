@@ -75,3 +75,23 @@ def test_language_toy_succeeds_only_at_the_named_goal():
     assert info["placed"] == ["blue"] and not terminated
     with pytest.raises(ValueError, match="one camera, agentview"):
         ToyReachEnv(language=True, cameras=("wrist",))
+
+
+def test_language_stats_count_the_named_object_apart_from_the_others():
+    from bac.rollout import EpisodeResult
+    from eval.run import language_stats
+
+    def ep(goal, handled, placed=()):
+        return EpisodeResult(seed=0, success=goal in placed, steps=1, reward=0.0, n_chunks=1, sim_time_s=0.0,
+                             outcome={"goal": goal, "handled": list(handled), "placed": list(placed)})
+
+    eps = [ep("milk", ["milk"], ["milk"]), ep("milk", ["milk", "can"]), ep("can", ["milk"]), ep("can", [])]
+    s = language_stats(eps)
+    assert s["n"] == 4 and s["named_handled"] == 0.5 and s["other_handled"] == 0.5 and s["only_named_handled"] == 0.25
+    assert s["named_placed"] == 0.25 and s["other_placed"] == 0.0
+    lo, hi = s["named_handled_ci95"]
+    assert 0.0 < lo < 0.5 < hi < 1.0
+    assert s["per_goal"]["milk"]["named_handled"] == 1.0 and s["per_goal"]["milk"]["only_named_handled"] == 0.5
+    assert s["per_goal"]["can"]["named_handled"] == 0.0 and s["per_goal"]["can"]["other_handled"] == 0.5
+    assert "per_goal" not in language_stats(eps[:2])  # one goal: nothing to break down
+    assert language_stats([EpisodeResult(0, True, 1, 1.0, 1, 0.0)]) is None  # a scene without goals
