@@ -233,8 +233,11 @@ class TokenReuse:
     keys/values in every prefix layer and its output from the stream's previous call; the changed image tokens,
     image tokens kept ``max_age`` calls in a row, and every text and state token (they read the images, as the
     text after the image in VLA-Cache's causal prompt) are recomputed, attending to all tokens. An approximation:
-    a kept token's output does not see what changed elsewhere. ``threshold < 0`` recomputes every token at every
-    call (the exactness check).
+    a kept token's output does not see what changed elsewhere. This prefix is bidirectional (image tokens attend to
+    the state tokens, unlike VLA-Cache's causal one), so a kept image token's output also carries the robot state
+    of the call that computed it, the likely reason that in closed loop on Lift (docs/vla.md, session 14) threshold
+    4 took success from 39/50 to 0/50.
+    ``threshold < 0`` recomputes every token at every call (the exactness check).
 
     ``states`` maps a stream id to what its last call left (a batch with a new id or another instruction
     recomputes everything), the ``max_streams`` most recently used only (the loop gives each episode its own
