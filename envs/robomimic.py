@@ -5,7 +5,8 @@ instruction per episode.
 robomimic 0.3 itself cannot be used with robosuite 1.5 (it imports ``mujoco_py``), so this module rebuilds what
 matters from it: the task names, the Panda + OSC_POSE delta setup at 20 Hz, the horizon of 400 and the low-dim
 observation keys ``object`` (robosuite's ``object-state``), ``robot0_eef_pos``, ``robot0_eef_quat`` (xyzw) and
-``robot0_gripper_qpos``. ``env_meta()`` returns robomimic's ``env_args`` dict, stored with every demo file.
+``robot0_gripper_qpos``, and ``object`` split per object as ``object_<name>`` (``envs/objects.py``: the same object
+has the same key in every task). ``env_meta()`` returns robomimic's ``env_args`` dict, stored with every demo file.
 
 Seeding: robosuite draws the object placement, the cube size (Lift) and the robot joint noise from ``env.rng`` and
 from the ``rng`` of the placement sampler(s), which keep the generator they were built with. ``reset(seed=s)``
@@ -34,6 +35,7 @@ import gymnasium as gym
 import numpy as np
 
 from envs import language as lang
+from envs.objects import object_widths, split_objects
 
 TASKS: dict[str, str] = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare",
                          "nut_assembly": "NutAssembly", "pick_place": "PickPlace"}
@@ -127,6 +129,8 @@ class RobomimicEnv(gym.Env):
         spec = self._env.observation_spec()
         space = {k: gym.spaces.Box(-np.inf, np.inf, shape=np.shape(spec[_robosuite_key(k)]), dtype=np.float32)
                  for k in OBS_KEYS}
+        for key, width in object_widths(task).items():  # ``object`` split per object (envs/objects.py)
+            space[key] = gym.spaces.Box(-np.inf, np.inf, shape=(width,), dtype=np.float32)
         for cam in cameras:
             space[f"{cam}_image"] = gym.spaces.Box(0, 255, shape=(image_size, image_size, 3), dtype=np.uint8)
         if self.language:
@@ -269,6 +273,7 @@ class RobomimicEnv(gym.Env):
 
     def _obs(self, raw: dict) -> dict:
         obs = {k: np.asarray(raw[_robosuite_key(k)], dtype=np.float32).copy() for k in OBS_KEYS}
+        obs.update({k: v.copy() for k, v in split_objects(self.task, obs["object"]).items()})
         for cam in self.cameras:  # robosuite renders in OpenGL convention (bottom row first)
             obs[f"{cam}_image"] = np.ascontiguousarray(raw[f"{cam}_image"][::-1])
         if self.language:

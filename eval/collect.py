@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from envs import make_env
+from envs.objects import PREFIX as OBJECT_PREFIX
 from envs.recorder import DemoWriter
 
 TASKS = ("lift", "can", "square", "nut_assembly", "pick_place", "toy")  # toy: the numpy task of envs/toy.py
@@ -55,7 +56,8 @@ def rollout(env, expert, seed: int, noise: float, hold: int, rot_noise: float = 
     obs, reset_info = env.reset(seed=seed)
     expert.reset()
     noise_rng = np.random.default_rng([seed, 7])  # the demo is reproducible from its seed alone
-    keys = {k: [] for k in env.observation_space.spaces if k != "instruction"}
+    # the per-object keys are ``object`` split (envs/objects.py): readers split it again, as robomimic files hold it
+    keys = {k: [] for k in env.observation_space.spaces if k != "instruction" and not k.startswith(OBJECT_PREFIX)}
     n_noisy = min(3, env.action_space.shape[0])  # translation dims
     actions, rewards = [], []
     success_at = None

@@ -38,6 +38,17 @@ def check_env_matches_policy(env, policy) -> None:
             raise ValueError(f"env observation {key!r} has shape {shape}; the policy was trained with dimension {want[0]}")
         elif len(want) > 1 and tuple(shape) != want:
             raise ValueError(f"env observation {key!r} has shape {shape}; the policy was trained on {want}")
+    optional = getattr(policy.config, "optional_obs_shapes", dict)()  # a VLA's object keys: at least one
+    if optional:
+        given = [k for k in optional if k in env_keys]
+        if not given:
+            raise KeyError(f"the env provides none of the object keys {sorted(optional)} the policy reads; it has "
+                           f"{sorted(env_keys)}")
+        for key in given:
+            shape = env.observation_space[key].shape
+            if int(np.prod(shape)) != optional[key][0]:
+                raise ValueError(f"env observation {key!r} has shape {shape}; the policy was trained with dimension "
+                                 f"{optional[key][0]}")
     if env.action_space.shape[-1] != policy.config.action_dim:
         raise ValueError(f"env action dim {env.action_space.shape[-1]} != policy action dim {policy.config.action_dim}")
 

@@ -9,6 +9,10 @@ it), sampled uniformly over all demos of all files; every image is randomly shif
 (replicate padding, then a crop: the augmentation of DrQ and robomimic). The state and actions are normalized
 to [-1, 1] on the data; the text encoder is frozen and each demo's instruction is encoded once.
 
+``--object-tokens``: each object of the scene is its own prefix token (``object_<name>``, envs/objects.py: the
+file's ``object`` split by the task named in its ``env_args``), so the tasks of a multi-task run share the tokens
+of the objects they share (the can of Can and of PickPlace); leave ``object`` out of ``--state-keys`` then.
+
 Writes model.safetensors (EMA weights), config.json, normalizer.json, train_record.json (datasets and their
 sha256, steps, loss curve, wall time, the command), manifest.json, and calibration/calib_obs.npz (observation
 windows of the first demos, the instruction included: what the calibrated cache methods sample over).
@@ -16,6 +20,7 @@ windows of the first demos, the instruction included: what the calibrated cache 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -32,6 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from bac.files import file_sha256  # noqa: E402
+from envs.objects import object_widths, split_objects, task_of_file  # noqa: E402
 from envs.recorder import demo_names  # noqa: E402
 from eval.train import EMA, init_source, lr_at, optimizer_groups, steps_for_budget  # noqa: E402
 from policies import Normalizer, save_policy  # noqa: E402
@@ -51,6 +57,7 @@ class LanguageDemos:
                 raise FileNotFoundError(f"dataset {path} does not exist; make it with `python eval/collect.py --task "
                                         f"<task> --language --cameras {','.join(config.cameras)} --out {path}`")
             with h5py.File(path, "r") as f:
+                task = task_of_file(f["data"].attrs.get("env_args", "{}")) if config.object_keys else None
                 for name in demo_names(f["data"]):
                     g = f["data"][name]
                     instruction = g.attrs.get("instruction")
@@ -69,7 +76,9 @@ class LanguageDemos:
                     parts = [np.pad(x, ((0, 0), (0, dim - x.shape[1]))) if k in config.padded_state_keys else x
                              for k, dim, x in zip(config.state_keys, config.state_dims, parts)]
                     state = np.concatenate(parts, -1)
+                    objects, present = self._objects(g, task, len(g["actions"]), f"{path}:{name}")
                     self.demos.append({"images": images, "state": state.astype(np.float32),
+                                       "objects": objects, "present": present,
                                        "actions": g["actions"][()].astype(np.float32),
                                        "instruction": str(instruction), "source": f"{path}:{name}",
                                        "file": file_index})
@@ -82,6 +91,38 @@ class LanguageDemos:
                                  for s in range(len(d["actions"]) + pad - c.horizon + 1)])
         self.window_file = np.array([self.demos[i]["file"] for i in self.windows[:, 0]])
         self.n_files = len(paths)
+
+    def _objects(self, g, task: str | None, length: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+        """The demo's objects side by side in ``object_keys`` order (L, sum of object_dims; zeros for the objects
+        its task lacks) and which it has (n_objects,) bool: the per-object keys if the file holds them, else its
+        ``object`` split by task."""
+        c = self.config
+        if not c.object_keys:
+            return np.zeros((length, 0), np.float32), np.zeros(0, bool)
+        if all(k in g["obs"] for k in object_widths(task)):
+            mine = {k: g["obs"][k][()] for k in object_widths(task)}
+        elif "object" in g["obs"]:
+            mine = split_objects(task, g["obs"]["object"][()])
+        else:
+            raise KeyError(f"{source} holds neither 'object' nor the per-object keys of {task}")
+        unknown = sorted(set(mine) - set(c.object_keys))
+        if unknown:
+            raise ValueError(f"{source} holds objects {unknown} the policy has no token for ({c.object_keys})")
+        out = np.zeros((length, sum(c.object_dims)), np.float32)
+        present = np.zeros(len(c.object_keys), bool)
+        for j, (start, key, dim) in enumerate(zip(np.cumsum([0, *c.object_dims]), c.object_keys, c.object_dims)):
+            if key in mine:
+                out[:, start: start + dim], present[j] = mine[key], True
+        return out, present
+
+    def object_obs(self, objects: np.ndarray, present: np.ndarray) -> dict[str, np.ndarray]:
+        """Objects side by side (B, To, sum of object_dims) and presence (B, n_objects) -> the observation keys the
+        policy reads (``VLAPolicy.check_objects``): one per object, plus ``object_present``."""
+        c = self.config
+        ends = np.cumsum(c.object_dims)
+        obs = {k: objects[..., end - dim: end] for k, dim, end in zip(c.object_keys, c.object_dims, ends)}
+        obs["object_present"] = present.astype(bool)
+        return obs
 
     def sample(self, n: int, generator: torch.Generator, by: str = "window") -> np.ndarray:
         """``n`` window indices: uniform over all windows (``by="window"``: a file weighs as much as its demos'
@@ -100,8 +141,17 @@ class LanguageDemos:
         return out
 
     def normalizer(self) -> Normalizer:
-        return Normalizer.fit({"state": np.concatenate([d["state"] for d in self.demos]),
-                               "action": np.concatenate([d["actions"] for d in self.demos])})
+        """Limits of the state, the actions and each object key (over the demos that hold it)."""
+        data = {"state": np.concatenate([d["state"] for d in self.demos]),
+                "action": np.concatenate([d["actions"] for d in self.demos])}
+        c = self.config
+        ends = np.cumsum(c.object_dims)
+        for j, (key, dim, end) in enumerate(zip(c.object_keys, c.object_dims, ends)):
+            rows = [d["objects"][:, end - dim: end] for d in self.demos if d["present"][j]]
+            if not rows:
+                raise ValueError(f"no demo holds object {key!r}")
+            data[key] = np.concatenate(rows)
+        return Normalizer.fit(data)
 
     def window(self, i: int, s: int) -> dict:
         """Observation window (To steps) and action chunk (T steps) of demo i at padded start s."""
@@ -110,7 +160,8 @@ class LanguageDemos:
         steps = np.clip(np.arange(s, s + c.horizon) - (c.n_obs_steps - 1), 0, L - 1)  # (T,)
         obs_steps = steps[: c.n_obs_steps]
         out = {f"{cam}_image": d["images"][cam][obs_steps] for cam in c.cameras}
-        out.update(state=d["state"][obs_steps], actions=d["actions"][steps], instruction=d["instruction"])
+        out.update(state=d["state"][obs_steps], actions=d["actions"][steps], instruction=d["instruction"],
+                   objects=d["objects"][obs_steps], present=d["present"])
         return out
 
     def calibration_obs(self, n: int = 16) -> dict[str, np.ndarray]:
@@ -125,6 +176,8 @@ class LanguageDemos:
         obs = {f"{cam}_image": b[f"{cam}_image"] for cam in c.cameras}
         ends = np.cumsum(c.state_dims)
         obs.update({k: b["state"][..., end - dim: end] for k, dim, end in zip(c.state_keys, c.state_dims, ends)})
+        if c.object_keys:
+            obs.update(self.object_obs(b["objects"], b["present"]))
         obs["instruction"] = np.array([[t] * c.n_obs_steps for t in b["instruction"]])
         return obs
 
@@ -164,7 +217,20 @@ def state_layout(paths: list[str], state_keys: list[str]) -> tuple[list[int], li
     return [int(w) for w in widths.max(0)], padded, action_dims.pop()
 
 
-ARCH_FIELDS = ("cameras", "image_size", "state_keys", "action_dim", "horizon", "n_obs_steps", "text_encoder",
+def object_layout(paths: list[str]) -> tuple[list[str], list[int]]:
+    """(per-object keys, their widths) over every dataset's task (envs/objects.py), in order of first appearance:
+    the tokens of a multi-task checkpoint."""
+    widths: dict[str, int] = {}
+    for path in paths:
+        peek(path, [])
+        with h5py.File(path, "r") as f:
+            for key, width in object_widths(task_of_file(f["data"].attrs.get("env_args", "{}"))).items():
+                widths.setdefault(key, width)
+    return list(widths), list(widths.values())
+
+
+# the state keys and widths and the objects are free: their projections start fresh (init_weights)
+ARCH_FIELDS = ("cameras", "image_size", "action_dim", "horizon", "n_obs_steps", "text_encoder",
                "max_text_tokens", "vision_channels", "vision_grid", "n_image_steps", "n_emb", "n_head",
                "n_prefix_layers", "n_layer", "objective")
 
@@ -176,10 +242,35 @@ def init_weights(policy: VLAPolicy, directory: str) -> dict:
     kept in the training record."""
     d, rec = init_source(directory, policy.config_dict(), ARCH_FIELDS)
     weights, mine = load_file(str(d / "model.safetensors")), policy.state_dict()
+    weights = {k: v for k, v in weights.items() if k in mine}
+    source, kept = json.loads((d / "config.json").read_text()), []
+    if "state_proj.weight" in weights and weights["state_proj.weight"].shape != mine["state_proj.weight"].shape:
+        w, kept = state_columns(weights["state_proj.weight"], source, policy.config, mine["state_proj.weight"])
+        if kept:
+            weights["state_proj.weight"] = w
     fresh = sorted(k for k, v in mine.items() if k not in weights or weights[k].shape != v.shape)
     policy.load_state_dict({k: v for k, v in weights.items() if k not in fresh}, strict=False)
-    return {"checkpoint": str(d), "steps": rec.get("steps"), "datasets": rec.get("datasets"),
-            "command": rec.get("command"), "init_from": rec.get("init_from"), "fresh_tensors": fresh}
+    out = {"checkpoint": str(d), "steps": rec.get("steps"), "datasets": rec.get("datasets"),
+           "command": rec.get("command"), "init_from": rec.get("init_from"), "fresh_tensors": fresh}
+    if kept:
+        out["state_proj_columns_kept"] = kept  # the rest of state_proj.weight starts fresh
+    return out
+
+
+def state_columns(weight: torch.Tensor, source: dict, config: VLAConfig,
+                  init: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """The state projection for ``config``'s state keys from a source checkpoint's (``weight``, its config
+    ``source``): the columns of every key both have at the same width (and unpadded) copied, the others
+    ``init``'s (a run that moves ``object`` out of the state into object tokens keeps what the robot state's
+    columns learnt). Returns it and the keys copied."""
+    out, kept = init.clone(), []
+    src = dict(zip(source.get("state_keys", []), zip(np.cumsum([0, *source.get("state_dims", [])]), source.get("state_dims", []))))
+    for start, key, dim in zip(np.cumsum([0, *config.state_dims]), config.state_keys, config.state_dims):
+        if (key in src and src[key][1] == dim and key not in config.padded_state_keys
+                and key not in source.get("padded_state_keys", [])):
+            out[:, start: start + dim] = weight[:, src[key][0]: src[key][0] + dim]
+            kept.append(key)
+    return out, kept
 
 
 def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -200,11 +291,15 @@ def train(args) -> Path:
     torch.manual_seed(args.seed)
     t_start = time.time()
     state_dims, padded, action_dim = state_layout(args.datasets, args.state_keys)
+    object_keys, object_dims = object_layout(args.datasets) if args.object_tokens else ([], [])
+    if object_keys and "object" in args.state_keys:
+        raise ValueError("--object-tokens gives each object its own token: leave 'object' out of --state-keys")
     config = VLAConfig(objective=args.objective, scheduler="flow" if args.objective == "flow" else "ddim",
                        num_inference_steps=args.num_inference_steps, n_emb=args.n_emb, n_layer=args.n_layer,
                        n_prefix_layers=args.n_prefix_layers, text_encoder=args.text_encoder,
                        image_size=args.image_size, cameras=list(args.cameras), state_keys=list(args.state_keys),
                        state_dims=state_dims, padded_state_keys=padded, action_dim=action_dim,
+                       object_keys=object_keys, object_dims=object_dims,
                        vision_channels=list(args.vision_channels),
                        vision_grid=args.vision_grid, n_head=args.n_head)
     data = LanguageDemos(args.datasets, config)
@@ -227,6 +322,8 @@ def train(args) -> Path:
               "torch": torch.__version__, "loss_curve": []}
     if padded:
         record["padded_state_keys"] = padded
+    if object_keys:
+        record["object_keys"] = object_keys
     if init_record:
         record["init_from"] = init_record
 
@@ -256,7 +353,8 @@ def train(args) -> Path:
         naction = normalizer.normalize("action", torch.from_numpy(b["actions"]))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, args.lr, args.warmup)
-        loss = policy.compute_loss(images, nstate, b["instruction"], naction, generator=g)
+        objects = policy.check_objects(data.object_obs(b["objects"], b["present"]), len(idx))
+        loss = policy.compute_loss(images, nstate, b["instruction"], naction, generator=g, objects=objects)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -288,6 +386,8 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("--cameras", nargs="+", default=d.cameras)
     p.add_argument("--state-keys", nargs="+", default=d.state_keys)
+    p.add_argument("--object-tokens", action="store_true",
+                   help="one prefix token per object, shared by the tasks that have it (envs/objects.py)")
     p.add_argument("--vision-channels", nargs="+", type=int, default=d.vision_channels)
     for flag in ("vision_grid", "n_head", "n_emb", "n_layer", "n_prefix_layers"):
         p.add_argument("--" + flag.replace("_", "-"), type=int, default=getattr(d, flag))

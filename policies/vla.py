@@ -57,6 +57,12 @@ class VLAConfig:
     # keys whose width differs across the tasks of a multi-task checkpoint: state_dims holds the widest, and a
     # narrower observation is zero-padded at its end (e.g. ``object``: 10-d on Lift, 14-d on Can)
     padded_state_keys: list[str] = field(default_factory=list)
+    # one prefix token per object: named per-object observation keys (``object_<name>``, envs/objects.py), each
+    # with its own projection, read at the latest step. An observation holds a task's own objects (any subset of
+    # these keys, at least one); the absent ones are masked out of the prefix and the expert's cross-attention, so
+    # the can of Can and of PickPlace is one token in a multi-task checkpoint.
+    object_keys: list[str] = field(default_factory=list)
+    object_dims: list[int] = field(default_factory=list)
     horizon: int = 16
     n_obs_steps: int = 2
     n_action_steps: int = 8
@@ -90,6 +96,9 @@ class VLAConfig:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if len(self.state_keys) != len(self.state_dims) or not self.cameras:
             raise ValueError("state_keys and state_dims must have the same length, and cameras must not be empty")
+        if len(self.object_keys) != len(self.object_dims) or set(self.object_keys) & set(self.state_keys):
+            raise ValueError(f"object_keys {self.object_keys} need one width each ({self.object_dims}) and must not "
+                             f"be state keys {self.state_keys}")
         unknown = [k for k in self.padded_state_keys if k not in self.state_keys]
         if unknown:
             raise ValueError(f"padded_state_keys {unknown} are not state keys {self.state_keys}")
@@ -108,8 +117,8 @@ class VLAConfig:
 
     @property
     def n_prefix_tokens(self) -> int:
-        """S: text, image and state tokens."""
-        return self.max_text_tokens + self.n_image_tokens + self.n_obs_steps
+        """S: text, image, state and object tokens."""
+        return self.max_text_tokens + self.n_image_tokens + self.n_obs_steps + len(self.object_keys)
 
     def obs_shapes(self) -> dict[str, tuple[int, ...] | None]:
         """Per observation key, the shape one env step gives (None: text)."""
@@ -117,9 +126,13 @@ class VLAConfig:
         shapes.update({k: (d,) for k, d in zip(self.state_keys, self.state_dims)})
         return {**shapes, "instruction": None}
 
+    def optional_obs_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The object keys (an observation holds at least one): key -> the shape one env step gives."""
+        return {k: (d,) for k, d in zip(self.object_keys, self.object_dims)}
+
     @property
     def obs_keys(self) -> list[str]:
-        """Every observation key the policy reads."""
+        """Every observation key the policy needs (the object keys, of which any may be absent, aside)."""
         return [f"{c}_image" for c in self.cameras] + list(self.state_keys) + ["instruction"]
 
 
@@ -289,6 +302,9 @@ class VLAPolicy(nn.Module):
         self.text_pos = nn.Parameter(torch.randn(1, c.max_text_tokens, E) * 0.02)
         self.image_pos = nn.Parameter(torch.randn(1, c.n_image_tokens, E) * 0.02)
         self.state_pos = nn.Parameter(torch.randn(1, c.n_obs_steps, E) * 0.02)
+        if c.object_keys:
+            self.object_proj = nn.ModuleDict({k: nn.Linear(d, E) for k, d in zip(c.object_keys, c.object_dims)})
+            self.object_pos = nn.Parameter(torch.randn(1, len(c.object_keys), E) * 0.02)
         layer = nn.TransformerEncoderLayer(E, c.n_head, 4 * E, c.p_drop, activation="gelu", batch_first=True,
                                            norm_first=True)
         self.prefix = nn.TransformerEncoder(layer, c.n_prefix_layers, enable_nested_tensor=False)
@@ -353,8 +369,47 @@ class VLAPolicy(nn.Module):
                              f"got shape {text.shape} dtype {text.dtype}")
         return images, state, [str(t) for t in text]
 
-    def prefix_tokens(self, images: dict[str, torch.Tensor], nstate: torch.Tensor, texts: list[str]):
-        """-> the prefix layers' input tokens (B, S, E) and which are kept (B, S) (False on text padding)."""
+    def check_objects(self, obs: dict, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The object keys of ``obs`` at the latest step, normalized and side by side (B, sum of object_dims; zeros
+        where absent), and which objects are present (B, n_objects); None for a policy without object tokens. A
+        key the observation lacks is absent in every row; ``obs["object_present"]`` (B, n_objects) bool, when
+        given, marks rows of a mixed batch whose task lacks a key it holds (zero-filled there)."""
+        c = self.config
+        if not c.object_keys:
+            return None
+        parts, present = [], []
+        for key, dim in zip(c.object_keys, c.object_dims):
+            if key not in obs:
+                parts.append(torch.zeros(batch, dim, device=self.device))
+                present.append(torch.zeros(batch, dtype=torch.bool, device=self.device))
+                continue
+            x = torch.as_tensor(obs[key], dtype=torch.float32)
+            if x.ndim != 3 or x.shape[0] != batch or x.shape[1] != c.n_obs_steps or x.shape[2] != dim:
+                raise ValueError(f"observation {key!r} must have shape ({batch}, {c.n_obs_steps}, {dim}), "
+                                 f"got {tuple(x.shape)}")
+            if not torch.isfinite(x).all():
+                raise ValueError(f"observation {key!r} holds NaN or inf")
+            parts.append(self.normalizer.normalize(key, x[:, -1].to(self.device)))
+            present.append(torch.ones(batch, dtype=torch.bool, device=self.device))
+        present = torch.stack(present, 1)
+        if "object_present" in obs:
+            given = torch.as_tensor(np.asarray(obs["object_present"]))
+            if given.dtype != torch.bool or tuple(given.shape) != (batch, len(c.object_keys)):
+                raise ValueError(f"observation 'object_present' must be ({batch}, {len(c.object_keys)}) bool (one "
+                                 f"column per object key {c.object_keys}), got {tuple(given.shape)} {given.dtype}")
+            present &= given.to(self.device)
+        if not present.any(1).all():
+            raise KeyError(f"observation holds none of the policy's object keys {c.object_keys} (in some rows), "
+                           f"got {sorted(obs)}; an env's ``object`` splits into them with envs.objects.split_objects")
+        dims = list(c.object_dims)
+        x = torch.cat(parts, 1)
+        mask = torch.repeat_interleave(present, torch.tensor(dims, device=self.device), dim=1)
+        return x * mask, present
+
+    def prefix_tokens(self, images: dict[str, torch.Tensor], nstate: torch.Tensor, texts: list[str],
+                      objects: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """-> the prefix layers' input tokens (B, S, E) and which are kept (B, S) (False on text padding and on
+        absent objects). ``objects``: ``check_objects``' normalized objects and their presence."""
         c = self.config
         B = nstate.shape[0]
         feats, mask = self.text(texts)  # (B, L, 384), (B, L)
@@ -363,16 +418,24 @@ class VLAPolicy(nn.Module):
         img = [self.vision[cam](images[cam][:, -n:].flatten(0, 1)).view(B, n, -1, c.n_emb) for cam in c.cameras]
         img_tokens = torch.stack(img, 2).flatten(1, 3) + self.image_pos  # (B, n_image_steps * cams * grid^2, E)
         state_tokens = self.state_proj(nstate) + self.state_pos
-        tokens = torch.cat([text_tokens, img_tokens, state_tokens], 1)
-        keep = torch.cat([mask.to(self.device), torch.ones(B, tokens.shape[1] - mask.shape[1], dtype=torch.bool,
-                                                            device=self.device)], 1)
-        return tokens, keep
+        parts = [text_tokens, img_tokens, state_tokens]
+        keep = [mask.to(self.device), torch.ones(B, img_tokens.shape[1] + state_tokens.shape[1], dtype=torch.bool,
+                                                 device=self.device)]
+        if c.object_keys:
+            if objects is None:
+                raise ValueError(f"this policy reads object keys {c.object_keys}: pass check_objects' output")
+            x, present = objects
+            per_object = torch.split(x, list(c.object_dims), dim=1)
+            parts.append(torch.stack([self.object_proj[k](o) for k, o in zip(c.object_keys, per_object)], 1)
+                         + self.object_pos)
+            keep.append(present)
+        return torch.cat(parts, 1), torch.cat(keep, 1)
 
     def encode_prefix(self, images: dict[str, torch.Tensor], nstate: torch.Tensor, texts: list[str],
-                      reuse: TokenReuse | None = None, streams=None):
+                      reuse: TokenReuse | None = None, streams=None, objects=None):
         """-> prefix (B, S, E), additive cross-attention mask (B, 1, 1, S) (-inf on text padding). With ``reuse``
         and one id per row in ``streams``: tokens kept from each stream's previous call (``TokenReuse``)."""
-        tokens, keep = self.prefix_tokens(images, nstate, texts)
+        tokens, keep = self.prefix_tokens(images, nstate, texts, objects)
         additive = torch.zeros(keep.shape, device=self.device).masked_fill(~keep, float("-inf"))[:, None, None]
         if reuse is None:
             return self.prefix_norm(self.prefix(tokens, src_key_padding_mask=~keep)), additive
@@ -450,7 +513,9 @@ class VLAPolicy(nn.Module):
         c = self.config
         t0 = time.perf_counter()
         images, state, texts = self.check_obs(obs)
-        prefix, mask = self.encode_prefix(images, self.normalizer.normalize("state", state), texts, token_reuse, streams)
+        objects = self.check_objects(obs, state.shape[0])
+        prefix, mask = self.encode_prefix(images, self.normalizer.normalize("state", state), texts, token_reuse, streams,
+                                          objects)
         memory = self.expert.prefix_kv(prefix) if reuse_prefix_kv else prefix
         t1 = time.perf_counter()
         B = prefix.shape[0]
@@ -472,10 +537,10 @@ class VLAPolicy(nn.Module):
 
     # ---------------------------------------------------------------- training
     def compute_loss(self, images: dict[str, torch.Tensor], nstate: torch.Tensor, texts: list[str],
-                     naction: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+                     naction: torch.Tensor, generator: torch.Generator | None = None, objects=None) -> torch.Tensor:
         """The objective's MSE on normalized data: images (B, To, H, W, 3) uint8, nstate (B, To, Ds),
-        naction (B, T, Da)."""
-        prefix, mask = self.encode_prefix(images, nstate, texts)
+        naction (B, T, Da); ``objects``: normalized objects (B, sum of object_dims) and presence (B, n_objects)."""
+        prefix, mask = self.encode_prefix(images, nstate, texts, objects=objects)
         B = naction.shape[0]
         noise = torch.randn(naction.shape, generator=generator, device=naction.device)
         if self.config.objective == "flow":
@@ -537,7 +602,9 @@ class VLACacheTarget:
             missing = [k for k in self.policy.config.obs_keys if k not in z.files]
             if missing:
                 raise ValueError(f"{path} lacks observation keys {missing}")
-            return {k: z[k][:n] for k in self.policy.config.obs_keys}
+            keys = self.policy.config.obs_keys + [k for k in [*self.policy.config.object_keys, "object_present"]
+                                                  if k in z.files]
+            return {k: z[k][:n] for k in keys}
 
     def cache_sample(self, cursor, n: int, seed: int) -> torch.Tensor:
         p = self.policy

@@ -27,7 +27,9 @@ def lift_env():
 
 
 def _assert_obs_matches_space(env, obs):
-    assert set(obs) == set(OBS_KEYS) == set(env.observation_space.spaces)
+    from envs.objects import object_keys
+
+    assert set(obs) == set(OBS_KEYS) | set(object_keys(env.task)) == set(env.observation_space.spaces)
     _assert_in_space(env, obs)
 
 
@@ -54,6 +56,20 @@ def test_spaces_and_step(task):
         assert env.max_episode_steps == 3 and env.task == task
         obs, info = env.reset(seed=0)
         _assert_obs_matches_space(env, obs)
+        # the per-object keys are robosuite's object observables grouped by object, in object-state's order
+        from envs.objects import OBJECTS, object_keys
+
+        raw = env._env._get_observations(force_update=True)
+        names = [k for k, o in env._env._observables.items() if o.modality == "object" and o.is_enabled() and o.is_active()]
+        ours = obs["object"] != 0  # at reset robosuite's object-to-eef values are still zero
+        assert ours.sum() >= 3 * len(OBJECTS[task])
+        assert np.allclose(np.concatenate([np.ravel(raw[k]) for k in names])[ours], obs["object"][ours], atol=1e-6)
+        widths = [w for _, w in OBJECTS[task]]
+        owners = [n.replace("gripper_to_", "").split("_to_")[0].rsplit("_", 1)[0].lower() for n in names]
+        grouped = [(o, sum(np.size(raw[n]) for n, oo in zip(names, owners) if oo == o)) for o in dict.fromkeys(owners)]
+        assert [(name.replace("_", ""), w) for name, w in OBJECTS[task]] == [(o, w) for o, w in grouped]
+        assert [w for _, w in grouped] == widths
+        assert np.array_equal(np.concatenate([obs[k] for k in object_keys(task)]), obs["object"])
         assert "is_success" in info
         for t in range(3):
             obs, reward, terminated, truncated, info = env.step(np.zeros(7, np.float32))
@@ -189,7 +205,7 @@ def test_language_and_cameras():
     plain = RobomimicEnv("nut_assembly")
     try:
         assert set(env.observation_space.spaces) == {*OBS_KEYS, "agentview_image", "robot0_eye_in_hand_image",
-                                                     "instruction"}
+                                                     "instruction", "object_square_nut", "object_round_nut"}
         goals = set()
         for seed in range(6):
             obs, info = env.reset(seed=seed)

@@ -269,3 +269,88 @@ def test_shipped_vlas_load_and_predict_on_their_calibration_windows(name):
         assert not obs["object"][..., 10:].any()  # Lift demos: the padding
         lift = {**obs, "object": obs["object"][..., :10]}
         assert torch.equal(predict(policy, lift)["action"], action)
+
+
+def object_policy() -> VLAPolicy:
+    """A tiny VLA with two object tokens (a can shared by two tasks, a milk one task has)."""
+    torch.manual_seed(0)
+    c = tiny_config(object_keys=["object_can", "object_milk"], object_dims=[4, 3])
+    stats = {"state": {"min": [-1.0] * c.state_dim, "max": [1.0] * c.state_dim},
+             "action": {"min": [-1.0] * c.action_dim, "max": [1.0] * c.action_dim},
+             "object_can": {"min": [-2.0] * 4, "max": [2.0] * 4}, "object_milk": {"min": [-1.0] * 3, "max": [3.0] * 3}}
+    return VLAPolicy(c, Normalizer(stats)).eval()
+
+
+def object_obs(c: VLAConfig, B: int = 3, seed: int = 0, keys=("object_can", "object_milk")) -> dict:
+    obs = obs_batch(c, B, seed)
+    rng = np.random.default_rng(seed + 100)
+    for key, dim in zip(c.object_keys, c.object_dims):
+        if key in keys:
+            obs[key] = rng.uniform(-1, 1, (B, c.n_obs_steps, dim)).astype(np.float32)
+    return obs
+
+
+def test_object_tokens_are_used_masked_when_absent_and_batched_like_single():
+    """Each object is a token read at the latest step: changing it changes the actions, an earlier step does not;
+    a task without an object (its key absent) is the same as a zero-filled key marked absent by
+    ``object_present`` (a mixed batch), whatever the filler; batched rows equal single ones; the engine computing
+    everything is exact on it; the config names bad object layouts."""
+    p = object_policy()
+    c = p.config
+    assert c.n_prefix_tokens == c.max_text_tokens + c.n_image_tokens + c.n_obs_steps + 2
+    assert c.optional_obs_shapes() == {"object_can": (4,), "object_milk": (3,)} and "object_can" not in c.obs_keys
+    obs = object_obs(c)
+    noise = torch.randn(3, c.horizon, c.action_dim, generator=torch.Generator().manual_seed(4))
+    base = p.predict_action(obs, noise=noise)["action_pred"]
+    moved = {**obs, "object_milk": obs["object_milk"] + 0.5}
+    assert not torch.allclose(p.predict_action(moved, noise=noise)["action_pred"], base)
+    earlier = {**obs, "object_milk": obs["object_milk"].copy()}
+    earlier["object_milk"][:, 0] += 0.5  # only the latest step is read
+    assert torch.equal(p.predict_action(earlier, noise=noise)["action_pred"], base)
+    for i in range(3):
+        single = p.predict_action({k: v[i:i + 1] for k, v in obs.items()}, noise=noise[i:i + 1])["action_pred"]
+        torch.testing.assert_close(single[0], base[i], atol=1e-5, rtol=1e-5)
+
+    can_only = object_obs(c, keys=("object_can",))  # a Can scene: no milk
+    alone = p.predict_action(can_only, noise=noise)["action_pred"]
+    assert not torch.allclose(alone, base)
+    for filler in (0.0, 7.0):
+        marked = {**can_only, "object_milk": np.full((3, c.n_obs_steps, 3), filler, np.float32),
+                  "object_present": np.array([[True, False]] * 3)}
+        torch.testing.assert_close(p.predict_action(marked, noise=noise)["action_pred"], alone, atol=1e-5, rtol=1e-5)
+    mixed = {**obs, "object_present": np.array([[True, True], [True, False], [True, True]])}
+    out = p.predict_action(mixed, noise=noise)["action_pred"]
+    torch.testing.assert_close(out[[0, 2]], base[[0, 2]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], alone[1], atol=1e-5, rtol=1e-5)
+
+    target = VLACacheTarget(p, obs=object_obs(c, B=2, seed=9, keys=("object_can",)))
+    ctx = CacheContext(target, calibration_inputs=2)
+    reference = predict(p, obs)["action_pred"]
+    for method, knobs in EVERYTHING.items():
+        engine = attach_to(target, build_cache(ctx, {**defaults(method), **knobs}))
+        p.step_cursor = engine
+        try:
+            assert torch.equal(predict(p, obs)["action_pred"], reference), method
+        finally:
+            p.step_cursor = None
+            engine.detach()
+
+    with pytest.raises(ValueError, match="object_keys .* need one width each"):
+        tiny_config(object_keys=["object_can"], object_dims=[])
+    with pytest.raises(ValueError, match="must not be state keys"):
+        tiny_config(object_keys=["robot0_eef_pos"], object_dims=[3])
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda o: [o.pop("object_can"), o.pop("object_milk")], r"none of the policy's object keys"),
+    (lambda o: o.update(object_present=np.array([[False, False]] * 3)), r"none of the policy's object keys"),
+    (lambda o: o.update(object_present=np.ones((3, 3), bool)), r"'object_present' must be \(3, 2\) bool"),
+    (lambda o: o["object_can"].__setitem__((0, 1, 0), np.nan), "'object_can' holds NaN"),
+    (lambda o: o.update(object_milk=o["object_milk"][..., :2]), r"'object_milk' must have shape \(3, 2, 3\)"),
+])
+def test_bad_object_observations_are_named(change, match):
+    p = object_policy()
+    obs = object_obs(p.config)
+    change(obs)
+    with pytest.raises((KeyError, ValueError), match=match):
+        predict(p, obs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 
@@ -138,7 +139,8 @@ def _object_demos(path, width: int, instruction: str, n: int = 2, L: int = 12):
 def test_multi_task_state_padding_and_init_from(tmp_path):
     """Tasks whose ``object`` widths differ (Lift 10, Can 14) train one checkpoint: the state token takes the widest,
     a narrower observation is zero-padded (the same actions as padding it by hand), a wider one is refused; a run
-    starts from another checkpoint's weights, the state projection fresh when the widths differ."""
+    starts from another checkpoint's weights, the state projection's columns fresh for the keys whose width
+    differs."""
     import torch
 
     narrow, wide = tmp_path / "narrow.hdf5", tmp_path / "wide.hdf5"
@@ -205,9 +207,13 @@ def test_multi_task_state_padding_and_init_from(tmp_path):
     train_vla.main(["--datasets", str(narrow), str(wide), "--out", str(again), "--steps", "1", "--lr", "0",
                     "--init-from", str(single), *tiny])
     init = json.loads((again / "train_record.json").read_text())["init_from"]
-    assert init["checkpoint"] == str(single) and init["steps"] == 2 and init["fresh_tensors"] == ["state_proj.weight"]
+    # the state projection keeps the columns of agent_pos (same width), object's (now padded) start fresh
+    assert init["checkpoint"] == str(single) and init["steps"] == 2 and init["fresh_tensors"] == []
+    assert init["state_proj_columns_kept"] == ["agent_pos"]
     src, dst = load_policy(single).state_dict(), load_policy(again).state_dict()
     assert all(torch.equal(src[k], dst[k]) for k in src if k != "state_proj.weight")  # lr 0: the init kept
+    assert torch.equal(src["state_proj.weight"][:, :2], dst["state_proj.weight"][:, :2])
+    assert not torch.equal(src["state_proj.weight"][:, 2:], dst["state_proj.weight"][:, 2:5])
     with pytest.raises(ValueError, match="n_emb 32 there, 48 here"):
         train_vla.main(["--datasets", str(narrow), "--out", str(tmp_path / "bad"), "--steps", "1",
                         "--init-from", str(single), *tiny[:tiny.index("--n-emb")], "--n-emb", "48",
@@ -234,3 +240,81 @@ def test_latency_split_comes_from_the_timed_calls():
     assert len(times) == 3 and policy.calls == 5
     assert split == {"prefix": 3.0, "expert": 6.0}  # calls 2, 3, 4 kept (with calls 0-4: 2.0 and 4.0)
     assert measure_latency(policy, {"agent_pos": np.zeros((1, 2), np.float32)}, 2, 0) and policy.calls == 9
+
+
+def _task_demos(path, task: str, instruction: str, n: int = 2, L: int = 12):
+    """Demos of a robomimic task (its env_args name it) with random numbers in its ``object`` layout."""
+    from envs.objects import OBJECTS
+    from envs.recorder import DemoWriter
+
+    width = sum(w for _, w in OBJECTS[task])
+    rng = np.random.default_rng(width)
+    env_name = {"can": "PickPlaceCan", "pick_place": "PickPlace", "lift": "Lift"}[task]
+    with DemoWriter(path, {"env_name": env_name, "wrapper": {"task": task}}) as w:
+        for _ in range(n):
+            w.add(obs={"agent_pos": rng.normal(size=(L, 2)).astype(np.float32),
+                       "object": rng.normal(size=(L, width)).astype(np.float32),
+                       "agentview_image": rng.integers(0, 256, (L, 16, 16, 3), dtype=np.uint8)},
+                  actions=rng.uniform(-1, 1, (L, 2)).astype(np.float32), instruction=instruction, goal="can")
+
+
+def test_object_tokens_share_the_objects_across_tasks_and_start_from_a_padded_checkpoint(tmp_path):
+    """``--object-tokens`` over Can and PickPlace files: one token per object by name, the can of Can in the can's
+    token (PickPlace's fourth block), absent objects marked per row; normalizer limits per object over the demos
+    that hold it; the checkpoint predicts on a Can scene (only ``object_can``) and refuses one with no object key;
+    a run from a padded-``object`` checkpoint keeps the robot state's columns of its state projection."""
+    import torch
+
+    from envs.objects import split_objects
+
+    can, pp = tmp_path / "can.hdf5", tmp_path / "pp.hdf5"
+    _task_demos(can, "can", "put the can in its bin")
+    _task_demos(pp, "pick_place", "put the milk in its bin")
+    out = tmp_path / "objects"
+    train_vla.main(["--datasets", str(can), str(pp), "--out", str(out), "--steps", "2", "--object-tokens", *TINY])
+    policy = load_policy(out)
+    c = policy.config
+    assert c.state_keys == ["agent_pos"]
+    assert c.object_keys == ["object_can", "object_milk", "object_bread", "object_cereal"] and c.object_dims == [14] * 4
+    assert json.loads((out / "train_record.json").read_text())["object_keys"] == c.object_keys
+
+    data = train_vla.LanguageDemos([str(can), str(pp)], c)
+    with h5py.File(can, "r") as f:
+        can_obj = f["data/demo_0/obs/object"][()]
+    with h5py.File(pp, "r") as f:
+        pp_obj = f["data/demo_0/obs/object"][()]
+    d_can, d_pp = data.demos[0], data.demos[2]
+    assert d_can["present"].tolist() == [True, False, False, False] and d_pp["present"].all()
+    assert np.array_equal(d_can["objects"][:, :14], can_obj) and not d_can["objects"][:, 14:].any()
+    assert np.array_equal(d_pp["objects"][:, :14], split_objects("pick_place", pp_obj)["object_can"])
+    assert np.array_equal(d_pp["objects"][:, 14:28], pp_obj[:, :14])  # the milk
+    norm = data.normalizer()
+    assert len(norm.stats["object_milk"]["min"]) == 14  # fitted on PickPlace's demos only (Can has no milk)
+    calib = np.load(out / "calibration" / "calib_obs.npz")
+    assert calib["object_present"].shape == (4, 4) and calib["object_can"].shape == (4, 2, 14)
+
+    rng = np.random.default_rng(0)
+    obs = {"agentview_image": rng.integers(0, 256, (1, 2, 16, 16, 3), dtype=np.uint8),
+           "agent_pos": rng.normal(size=(1, 2, 2)).astype(np.float32),
+           "object_can": rng.normal(size=(1, 2, 14)).astype(np.float32), "instruction": np.array(["put the can"])}
+    assert policy.predict_action(obs)["action"].shape == (1, c.n_action_steps, 2)
+    with pytest.raises(KeyError, match="none of the policy's object keys"):
+        policy.predict_action({k: v for k, v in obs.items() if k != "object_can"})
+    with pytest.raises(ValueError, match="leave 'object' out of --state-keys"):
+        at = TINY.index("agent_pos")
+        train_vla.main(["--datasets", str(can), "--out", str(tmp_path / "bad"), "--steps", "1", "--object-tokens",
+                        *TINY[:at], "agent_pos", "object", *TINY[at + 1:]])
+
+    padded = tmp_path / "padded"  # the same files with object in the state token, zero-padded
+    at = TINY.index("agent_pos")
+    train_vla.main(["--datasets", str(can), str(pp), "--out", str(padded), "--steps", "2",
+                    *TINY[:at], "agent_pos", "object", *TINY[at + 1:]])
+    moved = tmp_path / "moved"
+    train_vla.main(["--datasets", str(can), str(pp), "--out", str(moved), "--steps", "1", "--lr", "0", "--object-tokens",
+                    "--init-from", str(padded), *TINY])
+    init = json.loads((moved / "train_record.json").read_text())["init_from"]
+    assert init["state_proj_columns_kept"] == ["agent_pos"]
+    assert init["fresh_tensors"] == sorted(["object_pos"] + [f"object_proj.{k}.{w}" for k in c.object_keys for w in ("bias", "weight")])
+    src, dst = load_policy(padded).state_dict(), load_policy(moved).state_dict()
+    assert torch.equal(src["state_proj.weight"][:, :2], dst["state_proj.weight"])
+    assert all(torch.equal(src[k], dst[k]) for k in src if k != "state_proj.weight")
