@@ -354,3 +354,27 @@ def test_bad_object_observations_are_named(change, match):
     change(obs)
     with pytest.raises((KeyError, ValueError), match=match):
         predict(p, obs)
+
+
+def test_an_env_is_checked_against_the_object_keys():
+    """The rollout's env check: at least one of the policy's object keys, each at its width."""
+    from gymnasium import spaces
+
+    from eval.rollout_setup import check_env_matches_policy
+
+    p = object_policy()
+    c = p.config
+
+    def env(objects: dict[str, int]):
+        space = {f"{cam}_image": spaces.Box(0, 255, (c.image_size, c.image_size, 3), np.uint8) for cam in c.cameras}
+        space.update({k: spaces.Box(-1, 1, (d,)) for k, d in zip(c.state_keys, c.state_dims)})
+        space.update({k: spaces.Box(-1, 1, (d,)) for k, d in objects.items()})
+        space["instruction"] = spaces.Text(max_length=64)
+        return type("Env", (), {"observation_space": spaces.Dict(space), "action_space": spaces.Box(-1, 1, (7,))})()
+
+    check_env_matches_policy(env({"object_can": 4}), p)  # a Can scene: its one object
+    check_env_matches_policy(env({"object_can": 4, "object_milk": 3, "object_bread": 14}), p)  # bread: not read
+    with pytest.raises(KeyError, match=r"none of the object keys \['object_can', 'object_milk'\]"):
+        check_env_matches_policy(env({"object_bread": 14}), p)
+    with pytest.raises(ValueError, match="'object_milk' has shape \\(14,\\); the policy was trained with dimension 3"):
+        check_env_matches_policy(env({"object_can": 4, "object_milk": 14}), p)
