@@ -3,7 +3,9 @@
 Prefix (computed once per action chunk): one conv encoder per camera turns each 84 px image of the last
 ``n_obs_steps`` steps into ``vision_grid**2`` tokens; the instruction becomes frozen text-encoder tokens
 (``policies.text_encoder``, encoded once per distinct instruction); the proprioceptive state is one token per
-step. Learned type/position embeddings, then ``n_prefix_layers`` transformer layers over the whole prefix.
+step; with ``object_keys``, each object of the scene (``object_<name>``, envs/objects.py) is one more token at the
+latest step, and the objects a task lacks are masked out. Learned type/position embeddings, then
+``n_prefix_layers`` transformer layers over the whole prefix.
 
 Action expert (run at every denoising step): DP-T's pre-norm decoder layers (``policies.transformer_for_diffusion``:
 ``sa_block``, ``ca_block``, ``ff_block`` residual branches, which the cache engine wraps from outside) over the
@@ -16,7 +18,8 @@ every expert layer are projected once per chunk (``reuse_prefix_kv=True``, the d
 at every step, as a model without this would). Both give the same numbers.
 
 ``predict_action(obs)`` is a pure chunk predictor, like DP-T's: ``obs[<camera>_image]`` (B, To, H, W, 3) uint8,
-``obs[<state key>]`` (B, To, d), ``obs["instruction"]`` (B, To) or (B,) text (the last step's is used)
+``obs[<state key>]`` (B, To, d), any of ``obs[<object key>]`` (B, To, d), ``obs["instruction"]`` (B, To) or (B,)
+text (the last step's is used)
 -> ``{"action": (B, Ta, Da), "action_pred": (B, T, Da)}``.
 
 Shapes: B batch, To obs steps, T horizon, Ta executed actions, Da action dim, S prefix tokens, E = n_emb.
