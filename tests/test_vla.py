@@ -323,6 +323,11 @@ def test_object_tokens_are_used_masked_when_absent_and_batched_like_single():
     torch.testing.assert_close(out[[0, 2]], base[[0, 2]], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1], alone[1], atol=1e-5, rtol=1e-5)
 
+    every = TokenReuse(threshold=-1.0)  # token reuse recomputing everything: the plain prefix, objects absent or not
+    for o in (obs, can_only):
+        got = p.predict_action(o, noise=noise, token_reuse=every, streams=["a", "b", "c"])["action_pred"]
+        torch.testing.assert_close(got, p.predict_action(o, noise=noise)["action_pred"], atol=1e-5, rtol=1e-5)
+
     target = VLACacheTarget(p, obs=object_obs(c, B=2, seed=9, keys=("object_can",)))
     ctx = CacheContext(target, calibration_inputs=2)
     reference = predict(p, obs)["action_pred"]
