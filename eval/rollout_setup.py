@@ -6,6 +6,7 @@ and the policy wrapped as the loop's ``predict`` (warm-started per stream where 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,10 @@ def check_env_matches_policy(env, policy) -> None:
         if not given:
             raise KeyError(f"the env provides none of the object keys {sorted(optional)} the policy reads; it has "
                            f"{sorted(env_keys)}")
+        unseen = sorted(k for k in env_keys if k.startswith("object_") and k not in optional and k != "object_present")
+        if unseen:  # a scene object the policy has no token for: it acts as if the object were not there
+            warnings.warn(f"the policy has no token for the env's objects {unseen} (it reads {sorted(optional)})",
+                          stacklevel=2)
         for key in given:
             shape = env.observation_space[key].shape
             if int(np.prod(shape)) != optional[key][0]:
