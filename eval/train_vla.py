@@ -299,7 +299,7 @@ def train(args) -> Path:
                        n_prefix_layers=args.n_prefix_layers, text_encoder=args.text_encoder,
                        image_size=args.image_size, cameras=list(args.cameras), state_keys=list(args.state_keys),
                        state_dims=state_dims, padded_state_keys=padded, action_dim=action_dim,
-                       object_keys=object_keys, object_dims=object_dims,
+                       object_keys=object_keys, object_dims=object_dims, image_attention=args.image_attention,
                        vision_channels=list(args.vision_channels),
                        vision_grid=args.vision_grid, n_head=args.n_head)
     data = LanguageDemos(args.datasets, config)
@@ -388,6 +388,8 @@ def parse_args(argv=None):
     p.add_argument("--state-keys", nargs="+", default=d.state_keys)
     p.add_argument("--object-tokens", action="store_true",
                    help="one prefix token per object, shared by the tasks that have it (envs/objects.py)")
+    p.add_argument("--image-attention", default=d.image_attention, choices=["all", "images"],
+                   help="what the image tokens attend to in the prefix (images: only images, so token reuse is sound)")
     p.add_argument("--vision-channels", nargs="+", type=int, default=d.vision_channels)
     for flag in ("vision_grid", "n_head", "n_emb", "n_layer", "n_prefix_layers"):
         p.add_argument("--" + flag.replace("_", "-"), type=int, default=getattr(d, flag))

@@ -66,6 +66,11 @@ class VLAConfig:
     # the can of Can and of PickPlace is one token in a multi-task checkpoint.
     object_keys: list[str] = field(default_factory=list)
     object_dims: list[int] = field(default_factory=list)
+    # what the image tokens attend to in the prefix layers: "all" tokens, or only the "images" (text, state and
+    # object tokens still attend to everything). With "images" an image token's output is a function of the images
+    # alone, so keeping it across control steps (TokenReuse) cannot carry an old robot state, as VLA-Cache's causal
+    # prompt (images before text) cannot.
+    image_attention: str = "all"
     horizon: int = 16
     n_obs_steps: int = 2
     n_action_steps: int = 8
@@ -102,6 +107,8 @@ class VLAConfig:
         if len(self.object_keys) != len(self.object_dims) or set(self.object_keys) & set(self.state_keys):
             raise ValueError(f"object_keys {self.object_keys} need one width each ({self.object_dims}) and must not "
                              f"be state keys {self.state_keys}")
+        if self.image_attention not in ("all", "images"):
+            raise ValueError(f"image_attention must be 'all' or 'images', got {self.image_attention!r}")
         unknown = [k for k in self.padded_state_keys if k not in self.state_keys]
         if unknown:
             raise ValueError(f"padded_state_keys {unknown} are not state keys {self.state_keys}")
@@ -252,7 +259,9 @@ class TokenReuse:
     a kept token's output does not see what changed elsewhere. This prefix is bidirectional (image tokens attend to
     the state tokens, unlike VLA-Cache's causal one), so a kept image token's output also carries the robot state
     of the call that computed it, the likely reason that in closed loop on Lift (docs/vla.md, session 14) threshold
-    4 took success from 39/50 to 0/50.
+    4 took success from 39/50 to 0/50. With ``VLAConfig.image_attention="images"`` the image tokens see only the
+    images, so a kept one cannot carry an old state (tested: unchanged images, a moved robot, the plain prefix's
+    actions); such a VLA is not yet trained and run in closed loop.
     ``threshold < 0`` recomputes every token at every call (the exactness check).
 
     ``states`` maps a stream id to what its last call left (a batch with a new id or another instruction
@@ -278,7 +287,8 @@ class TokenReuse:
 def _prefix_layer_subset(layer: nn.TransformerEncoderLayer, x: torch.Tensor, idx: torch.Tensor, k_all: torch.Tensor,
                          v_all: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pre-norm encoder layer for the tokens ``idx`` only: x (B, D, E) their inputs; k_all, v_all
-    (B, heads, S, E / heads) every token's keys/values, the ``idx`` ones replaced here; mask additive (B, 1, 1, S).
+    (B, heads, S, E / heads) every token's keys/values, the ``idx`` ones replaced here; mask additive (B, 1, 1, S),
+    or (B, 1, D, S) with a row per token.
     -> (their outputs (B, D, E), keys, values)."""
     attn = layer.self_attn
     B, D, E = x.shape
@@ -434,6 +444,18 @@ class VLAPolicy(nn.Module):
             keep.append(present)
         return torch.cat(parts, 1), torch.cat(keep, 1)
 
+    def prefix_attention_mask(self) -> torch.Tensor | None:
+        """(S, S) additive mask of the prefix layers (row: query): -inf where an image token would attend to a
+        non-image token (``image_attention="images"``), else None."""
+        c = self.config
+        if c.image_attention == "all":
+            return None
+        S, img = c.n_prefix_tokens, slice(c.max_text_tokens, c.max_text_tokens + c.n_image_tokens)
+        mask = torch.zeros(S, S, device=self.device)
+        mask[img] = float("-inf")
+        mask[img, img] = 0.0
+        return mask
+
     def encode_prefix(self, images: dict[str, torch.Tensor], nstate: torch.Tensor, texts: list[str],
                       reuse: TokenReuse | None = None, streams=None, objects=None):
         """-> prefix (B, S, E), additive cross-attention mask (B, 1, 1, S) (-inf on text padding). With ``reuse``
@@ -441,7 +463,12 @@ class VLAPolicy(nn.Module):
         tokens, keep = self.prefix_tokens(images, nstate, texts, objects)
         additive = torch.zeros(keep.shape, device=self.device).masked_fill(~keep, float("-inf"))[:, None, None]
         if reuse is None:
-            return self.prefix_norm(self.prefix(tokens, src_key_padding_mask=~keep)), additive
+            block = self.prefix_attention_mask()
+            if block is None:
+                return self.prefix_norm(self.prefix(tokens, src_key_padding_mask=~keep)), additive
+            S = tokens.shape[1]  # padding and the image block in one (B * heads, S, S) mask, as nn.MultiheadAttention takes it
+            layers_mask = (additive.expand(-1, self.config.n_head, S, -1) + block).flatten(0, 1)
+            return self.prefix_norm(self.prefix(tokens, mask=layers_mask)), additive
         return self.prefix_norm(self._reuse_prefix(tokens, additive, images, texts, reuse, streams)), additive
 
     def _reuse_prefix(self, tokens, additive, images, texts, reuse: TokenReuse, streams) -> torch.Tensor:
@@ -477,8 +504,10 @@ class VLAPolicy(nn.Module):
             refs = frames
         idx = dynamic.nonzero().squeeze(1)
         x = tokens[:, idx]
+        block = self.prefix_attention_mask()
+        rows = additive if block is None else additive + block[idx][None, None]  # (B, 1, 1 or D, S)
         for i, layer in enumerate(self.prefix.layers):
-            x, k, v = _prefix_layer_subset(layer, x, idx, kv[i][0], kv[i][1], additive)
+            x, k, v = _prefix_layer_subset(layer, x, idx, kv[i][0], kv[i][1], rows)
             kv[i] = (k, v)
         out = out.clone()
         out[:, idx] = x

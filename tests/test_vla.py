@@ -384,3 +384,37 @@ def test_an_env_is_checked_against_the_object_keys():
         check_env_matches_policy(env({"object_bread": 14}), p)
     with pytest.raises(ValueError, match="'object_milk' has shape \\(14,\\); the policy was trained with dimension 3"):
         check_env_matches_policy(env({"object_can": 4, "object_milk": 14}), p)
+
+
+def test_image_tokens_that_attend_only_to_images_make_token_reuse_sound():
+    """``image_attention="images"``: the image tokens' prefix outputs do not depend on the state or the text (with
+    "all" they do), so token reuse on unchanged images gives the plain prefix's actions even though the robot
+    moved (with "all" it does not: the kept tokens carry the old state); batched equals single; the config
+    names a bad value."""
+    c_all = tiny_config()
+    for mode in ("all", "images"):
+        p = tiny_policy(image_attention=mode)
+        c = p.config
+        obs = obs_batch(c, B=2)
+        moved = {**obs, "robot0_eef_pos": obs["robot0_eef_pos"] + 0.3}
+        img = slice(c.max_text_tokens, c.max_text_tokens + c.n_image_tokens)
+        with torch.no_grad():
+            outs = []
+            for o in (obs, moved):
+                images, state, texts = p.check_obs(o)
+                outs.append(p.encode_prefix(images, p.normalizer.normalize("state", state), texts)[0])
+        assert torch.equal(outs[0][:, img], outs[1][:, img]) == (mode == "images"), mode
+        assert not torch.allclose(outs[0][:, img.stop:], outs[1][:, img.stop:])
+        reuse = TokenReuse(threshold=1.0)
+        predict(p, obs, token_reuse=reuse, streams=["a", "b"])
+        kept = predict(p, moved, token_reuse=reuse, streams=["a", "b"])["action_pred"]
+        assert reuse.recomputed == 2 * c.n_image_tokens  # the second call kept every image token
+        plain = predict(p, moved)["action_pred"]
+        assert torch.allclose(kept, plain, atol=1e-5) == (mode == "images"), mode
+        noise = torch.randn(2, c.horizon, c.action_dim, generator=torch.Generator().manual_seed(4))
+        batched = p.predict_action(obs, noise=noise)["action_pred"]
+        single = p.predict_action({k: v[1:] for k, v in obs.items()}, noise=noise[1:])["action_pred"]
+        torch.testing.assert_close(single[0], batched[1], atol=1e-5, rtol=1e-5)
+    assert c_all.image_attention == "all"
+    with pytest.raises(ValueError, match="image_attention must be 'all' or 'images'"):
+        tiny_config(image_attention="causal")

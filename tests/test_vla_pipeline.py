@@ -311,7 +311,8 @@ def test_object_tokens_share_the_objects_across_tasks_and_start_from_a_padded_ch
                     *TINY[:at], "agent_pos", "object", *TINY[at + 1:]])
     moved = tmp_path / "moved"
     train_vla.main(["--datasets", str(can), str(pp), "--out", str(moved), "--steps", "1", "--lr", "0", "--object-tokens",
-                    "--init-from", str(padded), *TINY])
+                    "--image-attention", "images", "--init-from", str(padded), *TINY])
+    assert load_policy(moved).config.image_attention == "images"  # a mask, not a weight: free across --init-from
     init = json.loads((moved / "train_record.json").read_text())["init_from"]
     assert init["state_proj_columns_kept"] == ["agent_pos"]
     assert init["fresh_tensors"] == sorted(["object_pos"] + [f"object_proj.{k}.{w}" for k in c.object_keys for w in ("bias", "weight")])
