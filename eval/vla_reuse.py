@@ -28,6 +28,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from envs.objects import split_objects, task_of_file  # noqa: E402
 from envs.recorder import demo_names  # noqa: E402
 from eval.common import as_torch, resolve_path, write_atomic  # noqa: E402
 from policies import load_policy  # noqa: E402
@@ -40,6 +41,7 @@ def replay_windows(path: Path, policy: VLAPolicy, n_demos: int) -> list[list[dic
     keys = [f"{cam}_image" for cam in c.cameras] + list(c.state_keys)
     demos = []
     with h5py.File(path, "r") as f:
+        task = task_of_file(f["data"].attrs.get("env_args", "{}")) if c.object_keys else None
         names = demo_names(f["data"])[-n_demos:]
         for name in names:
             g = f["data"][name]
@@ -47,6 +49,8 @@ def replay_windows(path: Path, policy: VLAPolicy, n_demos: int) -> list[list[dic
             if missing:
                 raise KeyError(f"{path}:{name} lacks observation keys {missing} that the policy reads")
             data = {k: g["obs"][k][()] for k in keys}
+            if task is not None:  # the object tokens: the file's ``object`` split by its task
+                data.update({k: v for k, v in split_objects(task, g["obs"]["object"][()]).items() if k in c.object_keys})
             text = str(g.attrs["instruction"])
             L = len(g["actions"])
             windows = []

@@ -300,6 +300,9 @@ def test_object_tokens_share_the_objects_across_tasks_and_start_from_a_padded_ch
     assert policy.predict_action(obs)["action"].shape == (1, c.n_action_steps, 2)
     with pytest.raises(KeyError, match="none of the policy's object keys"):
         policy.predict_action({k: v for k, v in obs.items() if k != "object_can"})
+    windows = vla_reuse.replay_windows(can, policy, 1)[0]  # the offline token-reuse replay reads the objects too
+    assert windows[0]["object_can"].shape == (1, 2, 14) and "object_milk" not in windows[0]
+    assert policy.predict_action(windows[0])["action"].shape == (1, c.n_action_steps, 2)
     with pytest.raises(ValueError, match="leave 'object' out of --state-keys"):
         at = TINY.index("agent_pos")
         train_vla.main(["--datasets", str(can), "--out", str(tmp_path / "bad"), "--steps", "1", "--object-tokens",
