@@ -56,6 +56,7 @@ class DemoWriter:
         seed: int | None = None,
         instruction: str | None = None,
         goal: str | None = None,
+        attrs: dict | None = None,
     ) -> str:
         """Write one demo of L steps: ``obs[key]`` (L, d) or images (L, H, W, 3) uint8, ``actions`` (L, Da);
         return its group name."""
@@ -95,6 +96,8 @@ class DemoWriter:
             grp.attrs["instruction"] = str(instruction)
         if goal is not None:
             grp.attrs["goal"] = str(goal)
+        for key, value in (attrs or {}).items():  # e.g. collect.py's forced drop: the step it started at
+            grp.attrs[key] = value
         self.num_demos += 1
         self.total += L
         self._data.attrs["total"] = self.total

@@ -13,6 +13,10 @@ Episode i resets with seed ``seed_offset + i`` and runs the expert until the fir
 DART-style noise (Laskey et al. 2017): the env executes ``clip(expert + N(0, noise^2))`` on the translation dims,
 but the clean expert action is recorded as the label, so the demos visit (and label) recovery states.
 ``--rot-noise`` does the same on the rotation dims, so the demos also show the expert correcting a tilted gripper.
+``--drop-prob p``: in a fraction p of the episodes (drawn from the seed) the env executes an open gripper for
+``--drop-steps`` steps from the first step the expert holds the object, while the label stays the expert's:
+the object falls, the expert finds its fingers shut on air (or the object away) and goes back for it, so the demos
+show a missed grasp and the re-grasp (the demo's ``drop_at`` attribute: the step the drop started).
 """
 from __future__ import annotations
 
@@ -51,11 +55,18 @@ def make_env_and_expert(task: str, horizon: int, seed: int, cameras: tuple[str, 
     return env, make_expert(task, env)
 
 
-def rollout(env, expert, seed: int, noise: float, hold: int, rot_noise: float = 0.0) -> tuple[bool, dict]:
+def rollout(env, expert, seed: int, noise: float, hold: int, rot_noise: float = 0.0, drop_prob: float = 0.0,
+            drop_steps: int = 8) -> tuple[bool, dict]:
     """One expert episode; returns (success, arguments for DemoWriter.add)."""
     obs, reset_info = env.reset(seed=seed)
     expert.reset()
     noise_rng = np.random.default_rng([seed, 7])  # the demo is reproducible from its seed alone
+    # its own generator, so that --drop-prob 0 leaves the noise (and the demos) as they were
+    drop = drop_prob > 0 and np.random.default_rng([seed, 11]).random() < drop_prob
+    holding = getattr(expert, "holding_phases", None)
+    if drop and holding is None:
+        raise ValueError(f"--drop-prob needs an expert with a grasp ({type(expert).__name__} has none)")
+    drop_at = None
     # the per-object keys are ``object`` split (envs/objects.py): readers split it again, as robomimic files hold it
     keys = {k: [] for k in env.observation_space.spaces if k != "instruction" and not k.startswith(OBJECT_PREFIX)}
     n_noisy = min(3, env.action_space.shape[0])  # translation dims
@@ -68,6 +79,10 @@ def rollout(env, expert, seed: int, noise: float, hold: int, rot_noise: float = 
             executed[:n_noisy] = np.clip(executed[:n_noisy] + noise_rng.normal(0.0, noise, n_noisy), -1.0, 1.0)
         if rot_noise > 0 and len(executed) >= 6:  # drawn after the translation noise: --rot-noise 0 keeps old demos
             executed[3:6] = np.clip(executed[3:6] + noise_rng.normal(0.0, rot_noise, 3), -1.0, 1.0)
+        if drop and drop_at is None and expert.phase in holding:
+            drop_at = t
+        if drop_at is not None and t < drop_at + drop_steps:
+            executed[-1] = -1.0  # the gripper opens under the expert's "close"
         for k in keys:
             keys[k].append(obs[k])
         actions.append(action)
@@ -86,6 +101,8 @@ def rollout(env, expert, seed: int, noise: float, hold: int, rot_noise: float = 
     )
     if "instruction" in obs:  # language tasks: one instruction per episode
         arrays.update(instruction=obs["instruction"], goal=reset_info["goal"])
+    if drop_at is not None:
+        arrays["attrs"] = {"drop_at": int(drop_at)}
     return success_at is not None, arrays
 
 
@@ -97,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed-offset", type=int, default=1000, help="episode i resets with seed seed_offset + i")
     p.add_argument("--noise", type=float, default=0.1, help="DART noise std on the executed translation actions")
     p.add_argument("--rot-noise", type=float, default=0.0, help="DART noise std on the executed rotation actions")
+    p.add_argument("--drop-prob", type=float, default=0.0,
+                   help="fraction of episodes whose gripper is forced open once the expert holds the object")
+    p.add_argument("--drop-steps", type=int, default=8, help="steps the forced drop lasts")
     p.add_argument("--hold", type=int, default=5, help="steps recorded after the first success")
     p.add_argument("--horizon", type=int, default=None, help="episode step limit (default: 400, toy 60)")
     p.add_argument("--max-attempts", type=int, default=None, help="give up after this many episodes (default 2x)")
@@ -109,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--n-demos must be positive, got {args.n_demos}")
     if args.noise < 0 or args.rot_noise < 0:
         p.error(f"--noise and --rot-noise must be >= 0, got {args.noise} and {args.rot_noise}")
+    if not 0 <= args.drop_prob <= 1 or args.drop_steps < 1:
+        p.error(f"--drop-prob must be in [0, 1] and --drop-steps >= 1, got {args.drop_prob} and {args.drop_steps}")
     max_attempts = args.max_attempts or 2 * args.n_demos
     if Path(args.out).exists() and not args.overwrite:
         p.error(f"{args.out} exists; pass --overwrite to replace it")
@@ -117,16 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     horizon = args.horizon or (60 if args.task == "toy" else 400)
     cameras = tuple(c for c in args.cameras.split(",") if c)
     env, expert = make_env_and_expert(args.task, horizon, args.seed_offset, cameras, args.image_size, args.language)
-    kept = attempted = steps = 0
+    kept = attempted = steps = dropped = 0
     with DemoWriter(args.out, env.env_meta(), overwrite=args.overwrite) as writer:
         bar = tqdm(total=args.n_demos, desc=f"{args.task} demos", unit="demo")
         while kept < args.n_demos and attempted < max_attempts:
             seed = args.seed_offset + attempted
-            ok, arrays = rollout(env, expert, seed, args.noise, args.hold, args.rot_noise)
+            ok, arrays = rollout(env, expert, seed, args.noise, args.hold, args.rot_noise, args.drop_prob, args.drop_steps)
             attempted += 1
             if ok:
                 writer.add(**arrays, seed=seed)
                 kept += 1
+                dropped += "attrs" in arrays
                 steps += len(arrays["actions"])
                 bar.update(1)
             bar.set_postfix(success=f"{kept / attempted:.3f}", attempts=attempted)
@@ -136,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"task={args.task} noise={args.noise} rot_noise={args.rot_noise}: expert success rate {kept}/{attempted} = {kept / attempted:.3f}; "
         f"kept {kept} demos, {steps} samples (mean length {steps / max(kept, 1):.1f}) -> {args.out}; "
-        f"wall time {wall:.0f} s ({wall / 60:.1f} min)"
+        f"wall time {wall:.0f} s ({wall / 60:.1f} min)" + (f"; {dropped} kept demos re-grasp after a forced drop" if args.drop_prob else "")
     )
     if kept < args.n_demos:
         print(f"WARNING: only {kept} of {args.n_demos} demos after {attempted} attempts (--max-attempts)", file=sys.stderr)

@@ -387,3 +387,35 @@ def test_camera_frames_survive_resets():
     finally:
         for env in envs:
             env.close()
+
+
+@sim
+def test_collect_forced_drop_shows_a_regrasp(tmp_path, capsys):
+    """``--drop-prob 1``: the gripper is forced open once the expert holds the can; the expert finds it gone and
+    grasps again, and the demo (still a success) records the clean labels: close, then open, then close again."""
+    import importlib.util
+    from pathlib import Path
+
+    import h5py
+
+    spec = importlib.util.spec_from_file_location("collect", Path(__file__).resolve().parents[1] / "eval/collect.py")
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+    plain, dropped = tmp_path / "plain.hdf5", tmp_path / "drop.hdf5"
+    assert collect.main(["--task", "can", "--n-demos", "1", "--out", str(plain), "--seed-offset", "3"]) == 0
+    assert collect.main(["--task", "can", "--n-demos", "1", "--out", str(dropped), "--seed-offset", "3",
+                         "--drop-prob", "1"]) == 0
+    assert "1 kept demos re-grasp after a forced drop" in capsys.readouterr().out
+    with h5py.File(plain, "r") as f:
+        assert "drop_at" not in f["data/demo_0"].attrs
+        n_plain = len(f["data/demo_0/actions"])
+    with h5py.File(dropped, "r") as f:
+        g = f["data/demo_0"]
+        drop_at, grip = int(g.attrs["drop_at"]), g["actions"][:, -1]
+        assert len(grip) > n_plain + 20  # the second grasp takes time
+    assert grip[drop_at] == 1.0  # the label says close while the env opens
+    after = grip[drop_at:]
+    reopen = int(np.argmax(after < 0))
+    assert reopen > 0 and (after[reopen:] > 0).any()  # the expert opens, then closes on the can again
+    with pytest.raises(SystemExit):
+        collect.main(["--task", "can", "--n-demos", "1", "--out", str(tmp_path / "x.hdf5"), "--drop-prob", "2"])
