@@ -23,9 +23,6 @@ OBJECTS: dict[str, tuple[tuple[str, int], ...]] = {
     "nut_assembly": (("square_nut", 14), ("round_nut", 14)),
     "pick_place": (("milk", 14), ("bread", 14), ("cereal", 14), ("can", 14)),
 }
-# robosuite's env names (robomimic's env_args["env_name"]) -> our task names
-ENV_NAMES: dict[str, str] = {"Lift": "lift", "PickPlaceCan": "can", "NutAssemblySquare": "square",
-                             "NutAssembly": "nut_assembly", "PickPlace": "pick_place"}
 PREFIX = "object_"
 
 
@@ -55,8 +52,11 @@ def split_objects(task: str, x: np.ndarray) -> dict[str, np.ndarray]:
 def task_of_file(env_args: str | dict) -> str:
     """Our task name from a demo file's ``env_args`` (JSON or dict): the wrapper's task, else robosuite's env
     name."""
+    from envs.robomimic import TASKS  # our task name -> robosuite's env name (here, not at the top: it imports us)
+
     meta = json.loads(env_args) if isinstance(env_args, str) else dict(env_args)
-    task = (meta.get("wrapper") or {}).get("task") or ENV_NAMES.get(meta.get("env_name", ""))
+    by_env_name = {env_name: task for task, env_name in TASKS.items()}
+    task = (meta.get("wrapper") or {}).get("task") or by_env_name.get(meta.get("env_name", ""))
     if task not in OBJECTS:
         raise ValueError(f"cannot tell the task of a file whose env_args name {meta.get('env_name')!r}; per-object "
                          f"keys are known for {sorted(OBJECTS)}")

@@ -124,11 +124,11 @@ def test_training_windows_pad_like_diffusion_policy_and_the_shift_keeps_images(t
                                                        action_dim=2, text_encoder="hashed"))
 
 
-def _object_demos(path, width: int, instruction: str, n: int = 2, L: int = 12):
+def _object_demos(path, width: int, instruction: str, n: int = 2, L: int = 12, env_meta: dict | None = None):
     from envs.recorder import DemoWriter
 
     rng = np.random.default_rng(width)
-    with DemoWriter(path, {"env_name": "ToyReach"}) as w:
+    with DemoWriter(path, env_meta or {"env_name": "ToyReach"}) as w:
         for _ in range(n):
             w.add(obs={"agent_pos": rng.normal(size=(L, 2)).astype(np.float32),
                        "object": rng.normal(size=(L, width)).astype(np.float32),
@@ -245,17 +245,10 @@ def test_latency_split_comes_from_the_timed_calls():
 def _task_demos(path, task: str, instruction: str, n: int = 2, L: int = 12):
     """Demos of a robomimic task (its env_args name it) with random numbers in its ``object`` layout."""
     from envs.objects import OBJECTS
-    from envs.recorder import DemoWriter
+    from envs.robomimic import TASKS
 
-    width = sum(w for _, w in OBJECTS[task])
-    rng = np.random.default_rng(width)
-    env_name = {"can": "PickPlaceCan", "pick_place": "PickPlace", "lift": "Lift"}[task]
-    with DemoWriter(path, {"env_name": env_name, "wrapper": {"task": task}}) as w:
-        for _ in range(n):
-            w.add(obs={"agent_pos": rng.normal(size=(L, 2)).astype(np.float32),
-                       "object": rng.normal(size=(L, width)).astype(np.float32),
-                       "agentview_image": rng.integers(0, 256, (L, 16, 16, 3), dtype=np.uint8)},
-                  actions=rng.uniform(-1, 1, (L, 2)).astype(np.float32), instruction=instruction, goal="can")
+    _object_demos(path, sum(w for _, w in OBJECTS[task]), instruction, n, L,
+                  env_meta={"env_name": TASKS[task], "wrapper": {"task": task}})
 
 
 def test_object_tokens_share_the_objects_across_tasks_and_start_from_a_padded_checkpoint(tmp_path):
