@@ -101,6 +101,10 @@ def token_reuse(cfg: DictConfig, policy, loop: LoopConfig):
     if loop.mode == "realtime" or cfg.loop.clock == "wall":
         raise ValueError("token reuse runs in the offline loop for now: the realtime clock's latency is measured "
                          "without it (time it with eval/vla_reuse.py)")
+    if policy.config.image_attention == "all":
+        warnings.warn("token reuse on a VLA whose image tokens attend to the state and text (image_attention='all'): "
+                      "a kept image token carries the robot state of the call that computed it (measured on Lift: 0/50 "
+                      "against 39/50 without reuse, docs/vla.md); train with --image-attention images", stacklevel=2)
     max_age = cfg.policy.get("token_reuse_max_age")
     return TokenReuse(float(threshold), None if max_age is None else int(max_age))
 

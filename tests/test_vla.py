@@ -418,3 +418,22 @@ def test_image_tokens_that_attend_only_to_images_make_token_reuse_sound():
     assert c_all.image_attention == "all"
     with pytest.raises(ValueError, match="image_attention must be 'all' or 'images'"):
         tiny_config(image_attention="causal")
+
+
+def test_token_reuse_in_a_rollout_warns_only_where_image_tokens_see_the_state():
+    """The rollout's token reuse (``policy.token_reuse_threshold``) names the unsound case, a VLA whose image tokens
+    attend to the state (0/50 on Lift in closed loop), and is quiet for one trained with ``image_attention="images"``."""
+    import warnings
+
+    from omegaconf import OmegaConf
+
+    from bac.loop import LoopConfig
+    from eval.rollout_setup import token_reuse
+
+    cfg = OmegaConf.create({"policy": {"token_reuse_threshold": 4, "token_reuse_max_age": 2}, "loop": {"clock": "simulated"}})
+    with pytest.warns(UserWarning, match="image_attention='all'"):
+        reuse = token_reuse(cfg, tiny_policy(), LoopConfig())
+    assert (reuse.threshold, reuse.max_age) == (4.0, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert token_reuse(cfg, tiny_policy(image_attention="images"), LoopConfig()).threshold == 4.0
