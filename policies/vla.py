@@ -261,7 +261,7 @@ class TokenReuse:
     of the call that computed it, the likely reason that in closed loop on Lift (docs/vla.md, session 14) threshold
     4 took success from 39/50 to 0/50. With ``VLAConfig.image_attention="images"`` the image tokens see only the
     images, so a kept one cannot carry an old state (tested: unchanged images, a moved robot, the plain prefix's
-    actions); such a VLA is not yet trained and run in closed loop.
+    actions); in closed loop on Lift such a VLA keeps its success with reuse (docs/vla.md, session 16).
     ``threshold < 0`` recomputes every token at every call (the exactness check).
 
     ``states`` maps a stream id to what its last call left (a batch with a new id or another instruction

@@ -251,10 +251,11 @@ def test_minilm_encoder_loads_offline_and_separates_the_goals():
     assert torch.all(feats[~mask] == 0)
 
 
-@pytest.mark.parametrize("name", ["vla", "vla_lift_can"])
+@pytest.mark.parametrize("name", ["vla", "vla_lift_can", "vla_lift_reuse"])
 def test_shipped_vlas_load_and_predict_on_their_calibration_windows(name):
     """The shipped VLAs load (weights hashed in their manifest) and predict finite actions in range from the demo
-    windows they were calibrated on; the multi-task one zero-pads Lift's 10-d object pose to Can's 14."""
+    windows they were calibrated on; the multi-task one zero-pads Lift's 10-d object pose to Can's 14; the one
+    made for token reuse has image tokens that see only images."""
     from pathlib import Path
 
     ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / name
@@ -264,6 +265,7 @@ def test_shipped_vlas_load_and_predict_on_their_calibration_windows(name):
     action = predict(policy, obs)["action"]
     assert action.shape == (2, policy.config.n_action_steps, 7) and torch.isfinite(action).all()
     assert action.abs().max() <= 1.5
+    assert policy.config.image_attention == ("images" if name == "vla_lift_reuse" else "all")
     if policy.config.padded_state_keys:
         assert policy.config.padded_state_keys == ["object"] and obs["object"].shape[-1] == 14
         assert not obs["object"][..., 10:].any()  # Lift demos: the padding
