@@ -258,8 +258,8 @@ class TokenReuse:
     text after the image in VLA-Cache's causal prompt) are recomputed, attending to all tokens. An approximation:
     a kept token's output does not see what changed elsewhere. This prefix is bidirectional (image tokens attend to
     the state tokens, unlike VLA-Cache's causal one), so a kept image token's output also carries the robot state
-    of the call that computed it, the likely reason that in closed loop on Lift (docs/vla.md, session 14) threshold
-    4 took success from 39/50 to 0/50. With ``VLAConfig.image_attention="images"`` the image tokens see only the
+    of the call that computed it: in closed loop on Lift threshold 4 took success from 39/50 to 0/50 (session 14)
+    and from 49/50 to 7/50 on the Lift VLA (session 16, docs/vla.md). With ``VLAConfig.image_attention="images"`` the image tokens see only the
     images, so a kept one cannot carry an old state (tested: unchanged images, a moved robot, the plain prefix's
     actions); in closed loop on Lift such a VLA keeps its success with reuse (docs/vla.md, session 16).
     ``threshold < 0`` recomputes every token at every call (the exactness check).
