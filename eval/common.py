@@ -72,15 +72,31 @@ def method_defaults(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
-def load_bench_obs(policy, checkpoint: Path, n: int) -> dict[str, torch.Tensor]:
-    """Held-out observations saved by eval/calibrate.py (key -> (N, To, d))."""
+def bench_keys(policy) -> list[str]:
+    """The observation keys a policy reads: its ``obs_keys`` and, for a policy with object tokens (the VLA), the
+    per-object keys and ``object_present`` where a file holds them."""
+    return list(policy.config.obs_keys) + [*getattr(policy.config, "object_keys", []), "object_present"]
+
+
+def load_bench_obs(policy, checkpoint: Path, n: int) -> dict:
+    """Held-out observations (key -> (N, To, ...)): numeric keys as tensors, an instruction as a numpy text array.
+    DP-T's come from eval/calibrate.py (drawn from the demos); a VLA's from eval/record_obs.py (closed loop)."""
     from policies.cache_target import bench_obs_path
 
     path = bench_obs_path(checkpoint)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; make it with `python eval/calibrate.py policy.checkpoint={checkpoint}`")
+        maker = "record_obs.py" if "instruction" in policy.config.obs_keys else "calibrate.py"
+        raise FileNotFoundError(f"{path} is missing; make it with `python eval/{maker} policy.checkpoint={checkpoint}`")
     with np.load(path, allow_pickle=False) as z:
-        return {k: torch.from_numpy(z[k][:n]) for k in policy.config.obs_keys}
+        missing = [k for k in policy.config.obs_keys if k not in z.files]
+        if missing:
+            raise ValueError(f"{path} lacks observation keys {missing} that the policy reads")
+        return as_torch({k: z[k][:n] for k in bench_keys(policy) if k in z.files})
+
+
+def slice_obs(obs: dict, i: int, device) -> dict:
+    """Row ``i`` of an observation batch as a batch of one on ``device`` (text stays a numpy array)."""
+    return {k: v[i : i + 1].to(device) if isinstance(v, torch.Tensor) else v[i : i + 1] for k, v in obs.items()}
 
 
 def write_out(path: Path | None, md: str, section: str | None = None) -> None:

@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from eval.common import device_name, pick_device, resolve_path, write_atomic  # noqa: E402
 from eval.frontier_grid import CALIBRATED, Cell, cell_of, grid, parse_pair, select  # noqa: E402,F401 (the grid's API)
 from eval.frontier_report import analyse, collect, write_report  # noqa: E402,F401 (analyse: the report's rules)
-from eval.latency import measure_cells  # noqa: E402
+from eval.latency import PROXY_REFS, measure_cells  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------- latency
 def ensure_calibrations(cfg: DictConfig, cells: list[Cell], checkpoint: Path) -> None:
@@ -53,6 +53,8 @@ def ensure_calibrations(cfg: DictConfig, cells: list[Cell], checkpoint: Path) ->
     pairs = sorted({(c.sampler, c.K) for c in cells if c.name in CALIBRATED})
     for sampler, K in pairs:
         policy = load_policy(checkpoint, scheduler=sampler, num_inference_steps=K)
+        if not hasattr(policy.cache_target(checkpoint), "cache_calibration"):
+            continue  # a target without saved calibrations (the VLA): bac calibrates when the cache is built
         scheduler, _, _ = policy_signature(policy)
         if calibration_path(checkpoint, scheduler, K).exists():
             continue
@@ -71,7 +73,8 @@ def latency_phase(cfg: DictConfig, cells: list[Cell], checkpoint: Path, out: Pat
     device = pick_device(str(cfg.device))
     t0 = time.time()
     fc = cfg.frontier
-    rows = measure_cells(cells, checkpoint, device, int(fc.trials), int(fc.warmup), int(fc.n_obs))
+    rows = measure_cells(cells, checkpoint, device, int(fc.trials), int(fc.warmup), int(fc.n_obs),
+                         proxy_refs=list(fc.get("proxy_refs") or PROXY_REFS))
     result = {"meta": {"task": str(cfg.env.task), "checkpoint": str(cfg.policy.checkpoint), "device": device_name(device),
                        "torch_threads": torch.get_num_threads(), "trials": int(cfg.frontier.trials),
                        "n_obs": int(cfg.frontier.n_obs), "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,7 +65,7 @@ def analyse(rows: list[dict], reference: str) -> dict:
         lo = ref["success"]["ci95"][0]
         within = sorted((r for r in done if r["success"]["rate"] >= lo), key=lambda r: r["latency_ms"]["p50"])
     proxies = {}
-    for key in ("mse_vs_ddpm100", "mse_vs_ddim100"):
+    for key in proxy_keys(rows):
         pts = [(r[key], r["success"]["rate"]) for r in done if key in r]
         if len(pts) >= 3:
             proxies[key] = round(spearman([-a for a, _ in pts], [b for _, b in pts]), 3)
@@ -81,6 +82,20 @@ def analyse(rows: list[dict], reference: str) -> dict:
             "within_reference": [r["label"] for r in within],
             "fastest_within_reference": within[0]["label"] if within else None,
             "proxy_spearman": proxies, "n_cells_done": len(done)}
+
+
+def proxy_keys(rows: list[dict]) -> list[str]:
+    """The action-error proxies the rows carry (``mse_vs_<sampler><K>``, frontier.proxy_refs), in first-seen order."""
+    return list(dict.fromkeys(k for r in rows for k in r if k.startswith("mse_vs_")))
+
+
+def proxy_name(key: str) -> str:
+    """``mse_vs_ddpm100`` -> ``DDPM-100``; ``mse_vs_flow100`` -> ``flow-100``."""
+    m = re.fullmatch(r"mse_vs_(.+?)(\d+)", key)
+    if not m:
+        return key
+    sampler = m.group(1).upper() if m.group(1) in ("ddpm", "ddim") else m.group(1)
+    return f"{sampler}-{m.group(2)}"
 
 
 def spearman(a, b) -> float:
@@ -105,14 +120,19 @@ def write_report(cfg: DictConfig, rows: list[dict], summary: dict, out: Path, la
     write_atomic(out / "frontier.json", json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=2) + "\n")
     front = set(summary["pareto"])
     within = set(summary["within_reference"])
-    lines = [f"# Frontier: {cfg.env.task}", "",
-             f"`python eval/frontier.py env={cfg.env.name} env.task={cfg.env.task}` — success over "
+    keys = proxy_keys(rows)
+    command = f"python eval/frontier.py env={cfg.env.name} env.task={cfg.env.task}"
+    if str(cfg.policy.name) != "dpt":  # another policy family has its own grid (configs/frontier/<name>.yaml)
+        command += f" policy={cfg.policy.name} policy.checkpoint={cfg.policy.checkpoint} frontier={cfg.frontier.name}"
+    lines = [f"# Frontier: {cfg.env.task}" + (f" ({cfg.policy.checkpoint})" if str(cfg.policy.name) != "dpt" else ""), "",
+             f"`{command}` — success over "
              f"{cfg.frontier.n_episodes}-episode seed sets (pooled where a cell has several), batch-1 latency of one "
              f"action chunk timed in one process in {meta.get('trials', '?')} interleaved rounds on "
              f"{meta.get('device', '?')}. ★ Pareto set; ✓ success at or above the lower end of "
              f"{summary['reference']}'s 95% interval {summary['reference_ci95']}.", "",
-             "| config | success [95% CI] | episodes | p50 ms | p95 ms | FLOPs | MSE vs DDPM-100 | MSE vs DDIM-100 | |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| config | success [95% CI] | episodes | p50 ms | p95 ms | FLOPs | "
+             + "".join(f"MSE vs {proxy_name(k)} | " for k in keys) + "|",
+             "|---|---|---|---|---|---|" + "---|" * len(keys) + "---|"]
     for r in sorted(rows, key=lambda r: r.get("latency_ms", {}).get("p50", float("inf"))):
         s = r.get("success")
         succ = f"{s['rate']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]" if s else "not run"
@@ -120,8 +140,7 @@ def write_report(cfg: DictConfig, rows: list[dict], summary: dict, out: Path, la
         mark = ("★" if r["label"] in front else "") + ("✓" if r["label"] in within else "")
         lines.append(f"| {r['label']} | {succ} | {s['episodes'] if s else 0} | {lat.get('p50', float('nan')):.1f} | "
                      f"{lat.get('p95', float('nan')):.1f} | {r.get('flops_ratio', float('nan')):.3f} | "
-                     f"{r.get('mse_vs_ddpm100', float('nan')):.2e} | {r.get('mse_vs_ddim100', float('nan')):.2e} | "
-                     f"{mark} |")
+                     + "".join(f"{r.get(k, float('nan')):.2e} | " for k in keys) + f"{mark} |")
     lines += ["", "Recommended per latency budget (the highest measured success whose frontier p95 meets the budget, "
               "the faster on a tie; `eval/tune.py` re-times the candidates on the device it runs on):", "",
               "| p95 budget | config | success [95% CI] | p95 ms |", "|---|---|---|---|"]

@@ -12,8 +12,8 @@ import torch
 
 from bac.metrics import latency_stats
 from bac.timing import Timed, device_sync, time_interleaved
-from eval.common import as_torch, load_bench_obs
-from eval.frontier_grid import Cell
+from eval.common import as_torch, load_bench_obs, slice_obs
+from eval.frontier_grid import Cell, parse_pair
 from policies import load_policy
 from policies.cache_target import disable_cache, enable_cache, make_cache, make_schedule
 
@@ -91,26 +91,30 @@ def measure_budgets(policy, checkpoint: Path, method: str, budgets: list[int], o
     return rows
 
 
+PROXY_REFS = ("ddpm-100", "ddim-100")
+
+
 def measure_cells(cells: list[Cell], checkpoint: Path, device, trials: int, warmup: int, n_obs: int,
-                  proxies: bool = True) -> dict:
+                  proxies: bool = True, proxy_refs=PROXY_REFS) -> dict:
     """Batch-1 latency (interleaved rounds), FLOPs ratio and, with ``proxies``, the action-error proxies of every
     frontier cell, in this process: {label: {sampler, K, cache, knobs, latency_ms, flops_ratio, mse_vs_ddpm100, ...}}.
-    The proxies: the error of each cell's chunk against DDPM-100's and DDIM-100's (the ODE's solution) from
-    identical noise on held-out observations."""
-    refs_at = [("ddpm", 100), ("ddim", 100)] if proxies else []
+    The proxies: the error of each cell's chunk against each sampler-K of ``proxy_refs`` from identical noise on
+    held-out observations (DP-T: DDPM-100 and DDIM-100, the ODE's solution; a flow VLA: flow-100)."""
+    refs_at = [parse_pair(r) for r in proxy_refs] if proxies else []
     policies = {}
     for sampler, K in [(c.sampler, c.K) for c in cells] + refs_at:
         if (sampler, K) not in policies:
             policies[(sampler, K)] = load_policy(checkpoint, device, scheduler=sampler, num_inference_steps=K)
     any_policy = next(iter(policies.values()))
     obs = load_bench_obs(any_policy, checkpoint, n_obs)
-    one = [{k: v[i : i + 1].to(device) for k, v in obs.items()} for i in range(next(iter(obs.values())).shape[0])]
+    one = [slice_obs(obs, i, device) for i in range(next(iter(obs.values())).shape[0])]
     caches = {c.label: make_cache(policies[(c.sampler, c.K)], checkpoint, c.cache_cfg()) if c.cache else None
               for c in cells}
 
     def run(cell_policy, o, seed, start=0, init=None):
         gen = torch.Generator(device=device).manual_seed(seed)
-        return cell_policy.predict_action(o, generator=gen, init_action=init, init_step=start)["action"]
+        warm = {"init_action": init, "init_step": start} if start else {}  # (a policy without warm starts takes none)
+        return cell_policy.predict_action(o, generator=gen, **warm)["action"]
 
     # A warm-started cell's guess: its own cold trajectory for the same observation, shifted by the Ta executed
     # actions as the loop shifts it (the next observation is not at hand offline).

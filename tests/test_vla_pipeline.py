@@ -315,3 +315,49 @@ def test_object_tokens_share_the_objects_across_tasks_and_start_from_a_padded_ch
     src, dst = load_policy(padded).state_dict(), load_policy(moved).state_dict()
     assert torch.equal(src["state_proj.weight"][:, :2], dst["state_proj.weight"])
     assert all(torch.equal(src[k], dst[k]) for k in src if k != "state_proj.weight")
+
+
+def test_frontier_on_a_vla_from_observations_recorded_in_closed_loop(tmp_path):
+    """eval/record_obs.py keeps held-out observations from the VLA's own rollouts (no demos needed), and
+    eval/frontier.py measures fewer flow steps against caches on the expert over them (configs/frontier/vla.yaml)."""
+    import eval.frontier as frontier
+    import eval.record_obs as record_obs
+    from omegaconf import OmegaConf
+
+    demos = tmp_path / "toy_lang.hdf5"
+    assert collect.main(["--task", "toy", "--language", "--cameras", "agentview", "--image-size", "16",
+                         "--n-demos", "2", "--out", str(demos)]) == 0
+    ckpt = tmp_path / "vla"
+    train_vla.main(["--datasets", str(demos), "--out", str(ckpt), "--steps", "2", *TINY])
+    base = ["env=toy_lang", "policy=vla", f"policy.checkpoint={ckpt}"]
+    with pytest.raises(FileNotFoundError, match="record_obs.py"):
+        frontier.frontier(compose_cfg(*base, "frontier=vla", f"frontier.out={tmp_path / 'f'}", "frontier.phase=latency"))
+    out = record_obs.record(compose_cfg(*base, "record.n_obs=5", "record.n_episodes=2"))
+    assert out == ckpt / "calibration" / "bench_obs.npz"
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["kept"] == 5 and meta["replanning_points"] >= 5 and meta["seeds"] == [100000, 100001]
+    with np.load(out, allow_pickle=False) as z:
+        assert z["instruction"].shape == (5, 2) and z["agentview_image"].shape == (5, 2, 16, 16, 3)
+    before = out.read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        record_obs.record(compose_cfg(*base, "record.n_obs=3"))
+    assert out.read_bytes() == before  # what earlier benchmarks measured on is kept
+
+    cfg = compose_cfg(*base, "frontier=vla", f"frontier.out={tmp_path / 'f'}", "frontier.n_episodes=2",
+                      "frontier.n_envs=2", "frontier.trials=1", "frontier.warmup=0", "frontier.n_obs=3",
+                      "frontier.proxy_refs=[flow-4,flow-8]", "frontier.reference=flow-4", "frontier.first=[flow-4]",
+                      "frontier.cached_on=[flow-4]")
+    OmegaConf.set_struct(cfg, False)
+    cfg.frontier.samplers = {"flow": [2, 4]}
+    cfg.frontier.caches = [{"name": "fora", "interval": 2}, {"name": "bac", "keep": 0.5, "n_bubble": 1}]
+    result = frontier.frontier(cfg)
+    report = json.loads((tmp_path / "f" / "frontier.json").read_text())
+    rows = {r["label"]: r for r in report["rows"]}
+    assert set(rows) == {"flow-2", "flow-4", "flow-4+fora[interval=2]", "flow-4+bac[n_bubble=1,n_updates=2]"}
+    assert all(r["success"]["episodes"] == 2 for r in rows.values()) and result["reference"] == "flow-4"
+    assert rows["flow-4"]["mse_vs_flow4"] == 0.0 and rows["flow-2"]["mse_vs_flow8"] > 0
+    assert rows["flow-4+fora[interval=2]"]["flops_ratio"] < 1.0 and rows["flow-4"]["flops_ratio"] == 1.0
+    summary = json.loads((tmp_path / "f" / "cells" / "flow-2" / "s0" / "summary.json").read_text())
+    assert summary["scheduler"] == "flow" and summary["num_inference_steps"] == 2
+    md = (tmp_path / "f" / "frontier.md").read_text()
+    assert "MSE vs flow-4 | MSE vs flow-8" in md and "frontier=vla" in md
