@@ -75,7 +75,12 @@ def latency_phase(cfg: DictConfig, cells: list[Cell], checkpoint: Path, out: Pat
     fc = cfg.frontier
     rows = measure_cells(cells, checkpoint, device, int(fc.trials), int(fc.warmup), int(fc.n_obs),
                          proxy_refs=list(fc.get("proxy_refs") or PROXY_REFS))
-    result = {"meta": {"task": str(cfg.env.task), "checkpoint": str(cfg.policy.checkpoint), "device": device_name(device),
+    from policies import load_policy
+    from policies.cache_target import policy_signature
+
+    model_hash = policy_signature(load_policy(checkpoint, device))[2]  # the weights (any sampler, any K)
+    result = {"meta": {"task": str(cfg.env.task), "checkpoint": str(cfg.policy.checkpoint), "model_hash": model_hash,
+                       "device": device_name(device),
                        "torch_threads": torch.get_num_threads(), "trials": int(cfg.frontier.trials),
                        "n_obs": int(cfg.frontier.n_obs), "date": time.strftime("%Y-%m-%d %H:%M"),
                        "wall_s": round(time.time() - t0, 1)}, "cells": rows}

@@ -33,16 +33,24 @@ BUDGETS_MS = (10, 15, 20, 30, 40, 60, 100, 200, 400)  # the report's recommended
 
 def collect(cells: list[Cell], out: Path, latency: dict | None) -> list[dict]:
     """One row per cell: pooled success over its seed sets (only full runs: a folder with a summary.json), and
-    its latency, FLOPs and proxies from ``latency.json``."""
+    its latency, FLOPs and proxies from ``latency.json``. A run on other weights than the timed ones (a checkpoint
+    retrained in place) is left out, with the reason printed."""
     lat = (latency or {}).get("cells", {})
+    timed_hash = (latency or {}).get("meta", {}).get("model_hash")
     rows = []
     for c in cells:
         summaries = []
         for f in sorted((out / "cells" / c.label).glob("s*/summary.json")):
             try:
-                summaries.append(json.loads(f.read_text()))
+                s = json.loads(f.read_text())
             except (OSError, json.JSONDecodeError) as e:
                 print(f"skipping {f}: {e}", flush=True)
+                continue
+            if timed_hash and s.get("model_hash") not in (None, timed_hash):
+                print(f"skipping {f}: rolled out with model hash {s['model_hash']}, the timed weights are {timed_hash}",
+                      flush=True)
+                continue
+            summaries.append(s)
         row = {"label": c.label, "sampler": c.sampler, "K": c.K, "start": c.start, "cache": c.name, "knobs": dict(c.cache),
                **{k: v for k, v in lat.get(c.label, {}).items() if k not in ("sampler", "K", "start", "cache", "knobs")}}
         if summaries:

@@ -144,8 +144,30 @@ def print_tune(rows: list[dict], chosen: dict, budget_ms: float) -> None:
 
 
 def frontier_path(cfg) -> Path:
+    """``tune.frontier`` or, unset, the frontier that ``eval/frontier.py`` writes for this config (``frontier.out``:
+    docs/frontier/<task>/ for DP-T, docs/frontier/vla/<task>/ with ``frontier=vla``)."""
     given = cfg.tune.get("frontier")
-    return resolve_path(str(given)) if given else ROOT / "docs" / "frontier" / str(cfg.env.task) / "frontier.json"
+    if given:
+        return resolve_path(str(given))
+    out = Path(str(cfg.frontier.out))
+    return (out if out.is_absolute() else ROOT / out) / "frontier.json"
+
+
+def check_frontier_model(data: dict, path: Path, policy, checkpoint: Path) -> None:
+    """Refuse a frontier measured on other weights (by model hash; a frontier from before the hash was recorded, by
+    its checkpoint folder): its cells' success says nothing about these."""
+    from policies.cache_target import policy_signature
+
+    meta = data.get("meta", {})
+    have, want = policy_signature(policy)[2], meta.get("model_hash")
+    if want is not None:
+        same = want == have
+    else:
+        same = "checkpoint" not in meta or resolve_path(str(meta["checkpoint"])).resolve() == checkpoint.resolve()
+    if not same:
+        raise ValueError(f"{path} was measured on {meta.get('checkpoint')} (model hash {want or 'not recorded'}), not on "
+                         f"{checkpoint} (model hash {have}); measure this checkpoint's frontier (`python eval/frontier.py "
+                         f"... policy.checkpoint=<it>`, frontier=vla for a VLA) or point tune.frontier at its frontier.json")
 
 
 def pick_from_frontier(cfg, device, reuse: bool = True) -> dict:
@@ -161,6 +183,8 @@ def pick_from_frontier(cfg, device, reuse: bool = True) -> dict:
     if reuse and (held := recall(cfg, key)) is not None:
         return held
     data = json.loads(path.read_text())
+    checkpoint = resolve_path(cfg.policy.checkpoint)
+    check_frontier_model(data, path, load_policy(checkpoint, device), checkpoint)
     rows = [r for r in data["rows"] if "success" in r and "latency_ms" in r]
     if not rows:
         raise ValueError(f"{path} has no cell with both rollouts and latency yet; run eval/frontier.py to the end")

@@ -361,3 +361,12 @@ def test_frontier_on_a_vla_from_observations_recorded_in_closed_loop(tmp_path):
     assert summary["scheduler"] == "flow" and summary["num_inference_steps"] == 2
     md = (tmp_path / "f" / "frontier.md").read_text()
     assert "MSE vs flow-4 | MSE vs flow-8" in md and "frontier=vla" in md
+    assert report["meta"]["model_hash"] == summary["model_hash"]
+    # loop.budget_ms chooses over this VLA's frontier (frontier=vla says where it is), not over DP-T's
+    s = run.evaluate(compose_cfg(*base, "frontier=vla", f"frontier.out={tmp_path / 'f'}", "loop.budget_ms=1000",
+                                 "tune.trials=1", "tune.n_obs=2", f"tune.records={tmp_path / 'rec'}",
+                                 "eval.n_episodes=1", "eval.latency_trials=2"), tmp_path / "budget")
+    assert s["budget"]["chosen"]["label"] in rows and s["scheduler"] == "flow"
+    with pytest.raises(ValueError, match="was measured on checkpoints/lift"):
+        run.evaluate(compose_cfg(*base, "tune.frontier=docs/frontier/lift/frontier.json", "loop.budget_ms=1000",
+                                 f"tune.records={tmp_path / 'rec'}", "eval.n_episodes=1"), tmp_path / "wrong")
