@@ -65,6 +65,15 @@ def test_analyse_marks_reference_interval_and_proxy_correlation():
     assert out["proxy_spearman"]["mse_vs_ddim100"] == pytest.approx(1.0)
     recommended = {r["budget_ms"]: r["label"] for r in out["recommended"]}
     assert recommended[10] == "faster" and recommended[15] == "fast" and recommended[400] == "ref"
+    # any proxy the rows carry is correlated (a flow VLA's are against flow-K), and named for the table
+    for r, e in zip(rows, (0.0, 0.02, 0.3, 0.01)):
+        r["mse_vs_flow100"] = e
+    out = frontier.analyse(rows, "ref")
+    assert set(out["proxy_spearman"]) == {"mse_vs_ddim100", "mse_vs_flow100"}
+    from eval.frontier_report import proxy_name
+
+    assert [proxy_name(k) for k in ("mse_vs_ddpm100", "mse_vs_ddim100", "mse_vs_flow10")] == ["DDPM-100", "DDIM-100",
+                                                                                             "flow-10"]
 
 
 def test_the_cross_task_summary_says_where_a_cache_earns_its_place(tmp_path):
