@@ -129,7 +129,8 @@ def write_report(cfg: DictConfig, rows: list[dict], summary: dict, out: Path, la
     front = set(summary["pareto"])
     within = set(summary["within_reference"])
     keys = proxy_keys(rows)
-    command = f"python eval/frontier.py env={cfg.env.name} env.task={cfg.env.task}"
+    env_group = f"{cfg.env.name}_lang" if cfg.env.get("language") else str(cfg.env.name)  # configs/env/<group>.yaml
+    command = f"python eval/frontier.py env={env_group} env.task={cfg.env.task}"
     if str(cfg.policy.name) != "dpt":  # another policy family has its own grid (configs/frontier/<name>.yaml)
         command += f" policy={cfg.policy.name} policy.checkpoint={cfg.policy.checkpoint} frontier={cfg.frontier.name}"
     lines = [f"# Frontier: {cfg.env.task}" + (f" ({cfg.policy.checkpoint})" if str(cfg.policy.name) != "dpt" else ""), "",
@@ -185,9 +186,18 @@ def plot(rows: list[dict], summary: dict, path: Path, task: str) -> None:
 def draw(ax, rows: list[dict], summary: dict, task: str, labels: bool = True) -> None:
     """One task's frontier on ``ax``: every cell with its interval, the reference's interval as a band, the
     Pareto front as a dashed step line."""
+    import matplotlib
+
     done = [r for r in rows if "success" in r and "latency_ms" in r]
     colors = {"ddpm": "tab:red", "ddim": "tab:blue", "dpmsolver": "tab:green", "unipc": "tab:purple"}
-    markers = {"none": "o", "uniform": "s", "bac": "D", "ertacache": "^", "fbcache": "v", "teacache": "P"}
+    markers = {"none": "o", "uniform": "s", "bac": "D", "ertacache": "^", "fbcache": "v", "teacache": "P", "fora": "<",
+               "foca": ">", "taylorseer": "h", "abcache": "p", "hyca": "H", "toca": "d", "delta_dit": "8", "bwcache": "X"}
+    if len({r["sampler"] for r in done}) == 1:  # one sampler (a flow VLA's grid): the colour tells the caches apart
+        caches = list(dict.fromkeys(r["cache"] for r in done))
+        palette = matplotlib.colormaps["tab20"]
+        colour = {c: palette(i % 20) for i, c in enumerate(caches)}
+    else:
+        colour = None
     ref = next((r for r in done if r["label"] == summary["reference"]), None)
     if ref is not None:
         lo, hi = ref["success"]["ci95"]
@@ -200,7 +210,8 @@ def draw(ax, rows: list[dict], summary: dict, task: str, labels: bool = True) ->
         key = (r["sampler"], r["cache"], warm)
         name = r["sampler"] + (" + warm start" if warm else "") + ("" if r["cache"] == "none" else f" + {r['cache']}")
         ax.errorbar(x, s["rate"], yerr=[[s["rate"] - lo], [hi - s["rate"]]],
-                    fmt="*" if warm else markers.get(r["cache"], "X"), color=colors.get(r["sampler"], "k"),
+                    fmt="*" if warm else markers.get(r["cache"], "X"),
+                    color=colour[r["cache"]] if colour else colors.get(r["sampler"], "k"),
                     ms=9 if warm else 6, capsize=2, alpha=0.85, label=None if key in seen else name)
         seen.add(key)
         if labels and ((r["cache"] == "none" and not warm) or r["label"] in summary["pareto"]):

@@ -360,7 +360,7 @@ def test_frontier_on_a_vla_from_observations_recorded_in_closed_loop(tmp_path):
     summary = json.loads((tmp_path / "f" / "cells" / "flow-2" / "s0" / "summary.json").read_text())
     assert summary["scheduler"] == "flow" and summary["num_inference_steps"] == 2
     md = (tmp_path / "f" / "frontier.md").read_text()
-    assert "MSE vs flow-4 | MSE vs flow-8" in md and "frontier=vla" in md
+    assert "MSE vs flow-4 | MSE vs flow-8" in md and "env=toy_lang env.task=" in md and "frontier=vla" in md
     assert report["meta"]["model_hash"] == summary["model_hash"]
     # loop.budget_ms chooses over this VLA's frontier (frontier=vla says where it is), not over DP-T's
     s = run.evaluate(compose_cfg(*base, "frontier=vla", f"frontier.out={tmp_path / 'f'}", "loop.budget_ms=1000",
