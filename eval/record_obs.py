@@ -6,7 +6,7 @@ Rolls the uncached policy out from seeds far from any evaluation's (``record.see
 observation history of every replanning point, and saves ``record.n_obs`` of them drawn evenly over the recorded
 points to ``<checkpoint>/calibration/bench_obs.npz`` (key -> (N, To, ...), the instruction as text), where
 eval/frontier.py, eval/bench.py and eval/tune.py read their held-out observations. A sidecar ``bench_obs.json`` says
-where they came from (seeds, the episodes' outcome, the replanning step of each kept observation).
+where they came from (seeds, the episodes' outcome, the replanning call each kept observation was made at).
 
 eval/calibrate.py draws DP-T's held-out observations from its training demos; a VLA's demos (camera images) are too
 large to ship, and observations the policy meets in its own rollouts are the ones its latency and action error
@@ -63,16 +63,16 @@ def record(cfg: DictConfig) -> Path:
     envs = pooled_envs(cfg.env.name, env_kwargs, n_episodes)
     check_env_matches_policy(envs[0], policy)
     predict = chunk_predictor(policy, pc.n_action_steps, int(rc.seed))
-    seen: list[tuple[int, dict]] = []  # (replanning call, that call's batch)
+    seen: list[dict] = []  # each replanning call's batch, in call order
 
     def recording(batch: dict[str, np.ndarray]) -> np.ndarray:
-        seen.append((len(seen), {k: np.array(v) for k, v in batch.items()}))
+        seen.append({k: np.array(v) for k, v in batch.items()})
         return predict(batch)
 
     t0 = time.time()
     results = simulate(envs, seeds, recording, pc.n_obs_steps, pc.n_action_steps, int(cfg.env.horizon),
                        LoopConfig(mode="offline"))
-    rows = [(call, i, batch) for call, batch in seen for i in range(next(iter(batch.values())).shape[0])]
+    rows = [(call, i, batch) for call, batch in enumerate(seen) for i in range(next(iter(batch.values())).shape[0])]
     if not rows:
         raise RuntimeError("the rollouts made no replanning call; nothing to record")
     keep = [rows[j] for j in pick_evenly(len(rows), n_obs)]
