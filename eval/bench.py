@@ -46,7 +46,7 @@ def bench(cfg: DictConfig, out_dir: Path) -> list[dict]:
     checkpoint = resolve_path(cfg.policy.checkpoint)
     policy = load_policy(checkpoint, device, num_inference_steps=cfg.policy.num_inference_steps,
                          scheduler=cfg.policy.scheduler)
-    obs = load_bench_obs(policy, checkpoint, int(cfg.bench.n_obs))
+    obs = load_bench_obs(policy, checkpoint, int(cfg.bench.n_obs), str(cfg.env.task))
     obs = {k: v.to(device) for k, v in obs.items()}
     configs = []  # (label, cache name, S, schedule or strategy, knobs)
     bubbles = cfg.bench.n_bubble if OmegaConf.is_list(cfg.bench.n_bubble) else [cfg.bench.n_bubble]

@@ -5,6 +5,7 @@ except to run it (eval/frontier.py runs eval/run.py's ``evaluate`` per cell), so
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -78,20 +79,40 @@ def bench_keys(policy) -> list[str]:
     return list(policy.config.obs_keys) + [*getattr(policy.config, "object_keys", []), "object_present"]
 
 
-def load_bench_obs(policy, checkpoint: Path, n: int) -> dict:
+def load_bench_obs(policy, checkpoint: Path, n: int, task: str | None = None) -> dict:
     """Held-out observations (key -> (N, To, ...)): numeric keys as tensors, an instruction as a numpy text array.
-    DP-T's come from eval/calibrate.py (drawn from the demos); a VLA's from eval/record_obs.py (closed loop)."""
-    from policies.cache_target import bench_obs_path
-
-    path = bench_obs_path(checkpoint)
-    if not path.exists():
-        maker = "record_obs.py" if "instruction" in policy.config.obs_keys else "calibrate.py"
-        raise FileNotFoundError(f"{path} is missing; make it with `python eval/{maker} policy.checkpoint={checkpoint}`")
+    DP-T's come from eval/calibrate.py (drawn from the demos); a VLA's from eval/record_obs.py (closed loop), one
+    file per task. With ``task``, that task's file is read; the task-less ``bench_obs.npz`` stands in only when its
+    sidecar does not name another task (a multi-task checkpoint must not be timed on the wrong scene's images)."""
+    path = bench_obs_file(policy, checkpoint, task)
     with np.load(path, allow_pickle=False) as z:
         missing = [k for k in policy.config.obs_keys if k not in z.files]
         if missing:
             raise ValueError(f"{path} lacks observation keys {missing} that the policy reads")
         return as_torch({k: z[k][:n] for k in bench_keys(policy) if k in z.files})
+
+
+def bench_obs_file(policy, checkpoint: Path, task: str | None = None) -> Path:
+    """Which held-out observation file ``load_bench_obs`` reads for ``task`` (see there); a missing or mismatched one
+    is named with the command that records it."""
+    from policies.cache_target import bench_obs_path
+
+    language = "instruction" in policy.config.obs_keys
+    maker = (f"python eval/record_obs.py env=robomimic_lang{f' env.task={task}' if task else ''} policy=vla "
+             f"policy.checkpoint={checkpoint}" if language else f"python eval/calibrate.py policy.checkpoint={checkpoint}")
+    if task:
+        own = bench_obs_path(checkpoint, task)
+        if own.exists():
+            return own
+    path = bench_obs_path(checkpoint)
+    if not path.exists():
+        wanted = bench_obs_path(checkpoint, task) if task and language else path
+        raise FileNotFoundError(f"{wanted} is missing; make it with `{maker}`")
+    sidecar = path.with_suffix(".json")
+    recorded = json.loads(sidecar.read_text()).get("task") if sidecar.exists() else None
+    if task and recorded and recorded != task:
+        raise ValueError(f"{path} holds observations of task {recorded!r}, not {task!r}; record {task}'s with `{maker}`")
+    return path
 
 
 def slice_obs(obs: dict, i: int, device) -> dict:

@@ -95,18 +95,18 @@ PROXY_REFS = ("ddpm-100", "ddim-100")
 
 
 def measure_cells(cells: list[Cell], checkpoint: Path, device, trials: int, warmup: int, n_obs: int,
-                  proxies: bool = True, proxy_refs=PROXY_REFS) -> dict:
+                  proxies: bool = True, proxy_refs=PROXY_REFS, task: str | None = None) -> dict:
     """Batch-1 latency (interleaved rounds), FLOPs ratio and, with ``proxies``, the action-error proxies of every
     frontier cell, in this process: {label: {sampler, K, cache, knobs, latency_ms, flops_ratio, mse_vs_ddpm100, ...}}.
     The proxies: the error of each cell's chunk against each sampler-K of ``proxy_refs`` from identical noise on
-    held-out observations (DP-T: DDPM-100 and DDIM-100, the ODE's solution; a flow VLA: flow-100)."""
+    held-out observations of ``task`` (DP-T: DDPM-100 and DDIM-100, the ODE's solution; a flow VLA: flow-100)."""
     refs_at = [parse_pair(r) for r in proxy_refs] if proxies else []
     policies = {}
     for sampler, K in [(c.sampler, c.K) for c in cells] + refs_at:
         if (sampler, K) not in policies:
             policies[(sampler, K)] = load_policy(checkpoint, device, scheduler=sampler, num_inference_steps=K)
     any_policy = next(iter(policies.values()))
-    obs = load_bench_obs(any_policy, checkpoint, n_obs)
+    obs = load_bench_obs(any_policy, checkpoint, n_obs, task)
     one = [slice_obs(obs, i, device) for i in range(next(iter(obs.values())).shape[0])]
     caches = {c.label: make_cache(policies[(c.sampler, c.K)], checkpoint, c.cache_cfg()) if c.cache else None
               for c in cells}

@@ -4,9 +4,11 @@
 
 Rolls the uncached policy out from seeds far from any evaluation's (``record.seed``, default 100000 on), keeps the
 observation history of every replanning point, and saves ``record.n_obs`` of them drawn evenly over the recorded
-points to ``<checkpoint>/calibration/bench_obs.npz`` (key -> (N, To, ...), the instruction as text), where
-eval/frontier.py, eval/bench.py and eval/tune.py read their held-out observations. A sidecar ``bench_obs.json`` says
-where they came from (seeds, the episodes' outcome, the replanning call each kept observation was made at).
+points to ``<checkpoint>/calibration/bench_obs_<task>.npz`` (key -> (N, To, ...), the instruction as text), where
+eval/frontier.py, eval/bench.py and eval/tune.py read the held-out observations of the task they run on (one file
+per task, so a multi-task checkpoint is timed and scored on each scene's own images). A sidecar
+``bench_obs_<task>.json`` says where they came from (task, seeds, the episodes' outcome, the replanning call each
+kept observation was made at).
 
 eval/calibrate.py draws DP-T's held-out observations from its training demos; a VLA's demos (camera images) are too
 large to ship, and observations the policy meets in its own rollouts are the ones its latency and action error
@@ -49,7 +51,8 @@ def record(cfg: DictConfig) -> Path:
     if n_obs < 1 or n_episodes < 1:
         raise ValueError(f"record.n_obs and record.n_episodes must be >= 1, got {n_obs} and {n_episodes}")
     checkpoint = resolve_path(cfg.policy.checkpoint)
-    out = Path(str(rc.out)) if rc.out else bench_obs_path(checkpoint)
+    task = cfg.env.get("task")
+    out = Path(str(rc.out)) if rc.out else bench_obs_path(checkpoint, str(task) if task else None)
     if out.exists() and not bool(rc.overwrite):
         raise FileExistsError(f"{out} exists; record.overwrite=true replaces it (the observations it holds are what "
                               "earlier benchmarks of this checkpoint measured on)")
@@ -82,7 +85,7 @@ def record(cfg: DictConfig) -> Path:
     np.savez_compressed(tmp, **arrays)
     tmp.replace(out)
     meta = {"command": "python eval/record_obs.py " + " ".join(sys.argv[1:]), "checkpoint": str(cfg.policy.checkpoint),
-            "task": str(cfg.env.get("task", cfg.env.name)), "seeds": [seeds[0], seeds[-1]],
+            "task": str(task or cfg.env.name), "seeds": [seeds[0], seeds[-1]],
             "successes": [bool(r.success) for r in results], "episode_steps": [int(r.steps) for r in results],
             "replanning_points": len(rows), "kept": len(keep), "kept_calls": [call for call, _, _ in keep],
             "keys": {k: list(v.shape) for k, v in arrays.items()}, "wall_s": round(time.time() - t0, 1),

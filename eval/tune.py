@@ -126,8 +126,8 @@ def remember(cfg, key: dict, result: dict) -> Path:
     return path
 
 
-def tune_obs(policy, checkpoint: Path, n: int) -> list[dict]:
-    obs = load_bench_obs(policy, checkpoint, n)
+def tune_obs(policy, checkpoint: Path, n: int, task: str | None = None) -> list[dict]:
+    obs = load_bench_obs(policy, checkpoint, n, task)
     m = next(iter(obs.values())).shape[0]
     return [{k: v[i : i + 1].to(policy.device) for k, v in obs.items()} for i in range(m)]
 
@@ -190,7 +190,7 @@ def pick_from_frontier(cfg, device, reuse: bool = True) -> dict:
         raise ValueError(f"{path} has no cell with both rollouts and latency yet; run eval/frontier.py to the end")
     candidates = [r for r in rows if r["latency_ms"]["p95"] <= 2 * budget] or [min(rows, key=lambda r: r["latency_ms"]["p95"])]
     timed = measure_cells([cell_of(r) for r in candidates], resolve_path(cfg.policy.checkpoint), device, int(cfg.tune.trials),
-                    int(cfg.tune.warmup), int(cfg.tune.n_obs), proxies=False)
+                    int(cfg.tune.warmup), int(cfg.tune.n_obs), proxies=False, task=str(cfg.env.task))
     for r in candidates:
         r["latency_now_ms"] = timed[r["label"]]["latency_ms"]
     pick = choose_for_budget(candidates, budget, latency=lambda r: r["latency_now_ms"]["p95"],
@@ -262,7 +262,7 @@ def tune(cfg: DictConfig, out_dir: Path) -> dict:
     checkpoint = resolve_path(cfg.policy.checkpoint)
     policy = load_policy(checkpoint, device, num_inference_steps=cfg.policy.num_inference_steps,
                          scheduler=cfg.policy.scheduler)
-    obs = tune_obs(policy, checkpoint, int(cfg.tune.n_obs))
+    obs = tune_obs(policy, checkpoint, int(cfg.tune.n_obs), str(cfg.env.task))
     rows = measure_budgets(policy, checkpoint, str(cfg.cache.name), list(cfg.tune.n_updates), obs,
                            int(cfg.tune.trials), int(cfg.tune.warmup), int(cfg.cache.get("n_bubble", 5)),
                            str(cfg.cache.get("metric", "cosine")))

@@ -30,9 +30,12 @@ def calibration_path(checkpoint: str | Path, scheduler: str, num_steps: int) -> 
     return Path(checkpoint) / "calibration" / f"{scheduler}_K{num_steps}.npz"
 
 
-def bench_obs_path(checkpoint: str | Path) -> Path:
-    """Held-out observations (key -> (N, To, d)) that eval/calibrate.py saves for eval/bench.py."""
-    return Path(checkpoint) / "calibration" / "bench_obs.npz"
+def bench_obs_path(checkpoint: str | Path, task: str | None = None) -> Path:
+    """Held-out observations (key -> (N, To, d)) for the offline benchmarks: ``bench_obs.npz`` from eval/calibrate.py
+    (a single-task checkpoint's demos), or one ``bench_obs_<task>.npz`` per task from eval/record_obs.py, so that a
+    checkpoint trained on several tasks is timed and scored on the observations of the task it is asked about."""
+    name = f"bench_obs_{task}.npz" if task else "bench_obs.npz"
+    return Path(checkpoint) / "calibration" / name
 
 
 def calib_obs_path(checkpoint: str | Path) -> Path:

@@ -333,7 +333,7 @@ def test_frontier_on_a_vla_from_observations_recorded_in_closed_loop(tmp_path):
     with pytest.raises(FileNotFoundError, match="record_obs.py"):
         frontier.frontier(compose_cfg(*base, "frontier=vla", f"frontier.out={tmp_path / 'f'}", "frontier.phase=latency"))
     out = record_obs.record(compose_cfg(*base, "record.n_obs=5", "record.n_episodes=2"))
-    assert out == ckpt / "calibration" / "bench_obs.npz"
+    assert out == ckpt / "calibration" / "bench_obs_toy.npz"  # one file per task
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["kept"] == 5 and meta["replanning_points"] >= 5 and meta["seeds"] == [100000, 100001]
     with np.load(out, allow_pickle=False) as z:
@@ -370,3 +370,37 @@ def test_frontier_on_a_vla_from_observations_recorded_in_closed_loop(tmp_path):
     with pytest.raises(ValueError, match="was measured on checkpoints/lift"):
         run.evaluate(compose_cfg(*base, "tune.frontier=docs/frontier/lift/frontier.json", "loop.budget_ms=1000",
                                  f"tune.records={tmp_path / 'rec'}", "eval.n_episodes=1"), tmp_path / "wrong")
+
+
+def test_held_out_observations_are_the_asked_tasks_or_refused(tmp_path):
+    """A multi-task checkpoint keeps one bench_obs_<task>.npz per task; the task-less file stands in only when its
+    sidecar names no other task, so a Lift frontier is never timed on Can's observations."""
+    from types import SimpleNamespace
+
+    from eval.common import bench_obs_file, load_bench_obs
+
+    policy = SimpleNamespace(config=SimpleNamespace(obs_keys=["agent_pos", "instruction"]))
+    cal = tmp_path / "calibration"
+    cal.mkdir()
+    with pytest.raises(FileNotFoundError, match="bench_obs_lift.npz is missing.*env.task=lift"):
+        load_bench_obs(policy, tmp_path, 4, "lift")
+
+    def save(name, value, task=None):
+        np.savez(cal / f"{name}.npz", agent_pos=np.full((3, 2, 2), value, np.float32),
+                 instruction=np.array([["lift the cube"] * 2] * 3))
+        if task:
+            (cal / f"{name}.json").write_text(json.dumps({"task": task}))
+
+    save("bench_obs", 1.0, task="can")  # recorded before the files were per task
+    assert bench_obs_file(policy, tmp_path, "can").name == "bench_obs.npz"
+    with pytest.raises(ValueError, match="task 'can', not 'lift'"):
+        load_bench_obs(policy, tmp_path, 4, "lift")
+    save("bench_obs_lift", 2.0)
+    obs = load_bench_obs(policy, tmp_path, 2, "lift")
+    assert obs["agent_pos"].shape == (2, 2, 2) and float(obs["agent_pos"].max()) == 2.0
+    assert obs["instruction"][0, 0] == "lift the cube"
+    (cal / "bench_obs.json").unlink()  # a task-less file without a sidecar (DP-T's, from calibrate.py) serves any task
+    assert float(load_bench_obs(policy, tmp_path, 2, "square")["agent_pos"].max()) == 1.0
+    np.savez(cal / "bench_obs_can.npz", instruction=np.array([["x"] * 2] * 3))
+    with pytest.raises(ValueError, match=r"lacks observation keys \['agent_pos'\]"):
+        load_bench_obs(policy, tmp_path, 2, "can")
