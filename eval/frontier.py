@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from eval.common import bench_obs_file, device_name, pick_device, resolve_path, write_atomic  # noqa: E402
 from eval.frontier_grid import CALIBRATED, Cell, cell_of, grid, parse_pair, select  # noqa: E402,F401 (the grid's API)
 from eval.frontier_report import analyse, collect, write_report  # noqa: E402,F401 (analyse: the report's rules)
-from eval.latency import PROXY_REFS, measure_cells  # noqa: E402
+from eval.latency import PROXY_REFS, MachineLoad, measure_cells  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------- latency
 def ensure_calibrations(cfg: DictConfig, cells: list[Cell], checkpoint: Path) -> None:
@@ -73,8 +73,12 @@ def latency_phase(cfg: DictConfig, cells: list[Cell], checkpoint: Path, out: Pat
     device = pick_device(str(cfg.device))
     t0 = time.time()
     fc = cfg.frontier
-    rows = measure_cells(cells, checkpoint, device, int(fc.trials), int(fc.warmup), int(fc.n_obs),
-                         proxy_refs=list(fc.get("proxy_refs") or PROXY_REFS), task=str(cfg.env.task))
+    with MachineLoad() as load:
+        rows = measure_cells(cells, checkpoint, device, int(fc.trials), int(fc.warmup), int(fc.n_obs),
+                             proxy_refs=list(fc.get("proxy_refs") or PROXY_REFS), task=str(cfg.env.task))
+    if load.busy():
+        print(f"note: other processes kept {load.other_busy_cores:.2f} CPUs busy while the cells were timed; "
+              "their ratios hold (interleaved rounds), their milliseconds read high", flush=True)
     from policies import load_policy
     from policies.cache_target import policy_signature
 
@@ -82,7 +86,7 @@ def latency_phase(cfg: DictConfig, cells: list[Cell], checkpoint: Path, out: Pat
     model_hash = policy_signature(policy)[2]  # the weights (any sampler, any K)
     bench_file = bench_obs_file(policy, checkpoint, str(cfg.env.task))
     result = {"meta": {"task": str(cfg.env.task), "checkpoint": str(cfg.policy.checkpoint), "model_hash": model_hash,
-                       "bench_obs": bench_file.name,
+                       "bench_obs": bench_file.name, "conditions": load.record(),
                        "device": device_name(device),
                        "torch_threads": torch.get_num_threads(), "trials": int(cfg.frontier.trials),
                        "n_obs": int(cfg.frontier.n_obs), "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -5,6 +5,8 @@ rounds dropped, caches attached and detached off the clock so that an uncached c
 """
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,48 @@ from eval.common import as_torch, load_bench_obs, slice_obs
 from eval.frontier_grid import Cell, parse_pair
 from policies import load_policy
 from policies.cache_target import disable_cache, enable_cache, make_cache, make_schedule
+
+
+def _busy_cpu_s() -> float | None:
+    """Seconds of CPU time the whole machine has spent busy since boot (Linux /proc/stat), None elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields]  # user nice system idle iowait irq softirq steal ...
+    busy = ticks[0] + ticks[1] + ticks[2] + sum(ticks[5:8])
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class MachineLoad:
+    """What else ran on the machine while a block was timed: ``other_busy_cores``, the CPU time of every other process
+    over the block's wall time (in cores; /proc/stat, so Linux only, None elsewhere), beside ``cpus`` and the 1-minute
+    load average. Latencies timed beside another busy process read up to 2x the quiet ones on this project's CPU
+    machines, so a summary says under which conditions its latency was timed.
+
+        with MachineLoad() as load:
+            times = measure_latency(...)
+        load.record()  # {"other_busy_cores": 0.97, "cpus": 2, "load_avg_1m": 1.4}
+    """
+
+    def __enter__(self) -> "MachineLoad":
+        self.busy0, self.own0, self.wall0 = _busy_cpu_s(), time.process_time(), time.perf_counter()
+        self.other_busy_cores = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy1, own, wall = _busy_cpu_s(), time.process_time() - self.own0, time.perf_counter() - self.wall0
+        if self.busy0 is not None and busy1 is not None and wall > 0:
+            self.other_busy_cores = max(0.0, (busy1 - self.busy0 - own) / wall)
+
+    def record(self) -> dict:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        return {"other_busy_cores": None if self.other_busy_cores is None else round(self.other_busy_cores, 2),
+                "cpus": os.cpu_count(), "load_avg_1m": None if load is None else round(load, 2)}
+
+    def busy(self, threshold: float = 0.5) -> bool:
+        """Whether other processes kept at least ``threshold`` of a core busy while the block ran."""
+        return self.other_busy_cores is not None and self.other_busy_cores >= threshold
 
 
 def measure_latency(policy, sample_obs: dict[str, np.ndarray], trials: int, seed: int, warm_start: int = 0,

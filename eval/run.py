@@ -32,7 +32,7 @@ from bac.rollout import BatchTiming, EpisodeResult  # noqa: E402
 from bac.wallclock import Watchdog, run_wallclock  # noqa: E402
 from envs import make_env  # noqa: E402
 from eval.common import device_name, peak_rss_mb, pick_device, resolve_path, write_atomic  # noqa: E402
-from eval.latency import measure_latency  # noqa: E402
+from eval.latency import MachineLoad, measure_latency  # noqa: E402
 from eval.rollout_setup import (build_cache, check_env_matches_policy, chunk_predictor, latency_model,  # noqa: E402
                                 loop_config, pooled_envs, probe_obs, token_reuse)
 from eval.rundir import finished_episodes, print_table, run_lock, write_videos  # noqa: E402
@@ -89,8 +89,13 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     if warm and cfg.loop.clock == "wall":
         raise ValueError("loop.warm_start runs on the simulated clock; the wall-clock worker keeps no stream memory yet")
     split = {} if isinstance(policy, VLAPolicy) else None  # the VLA's prefix / expert medians, of the same calls
-    latencies = measure_latency(policy, {k: np.repeat(v, 2, 0) for k, v in sample_obs.items()}, n_lat, int(cfg.eval.seed),
-                                warm_start=warm, split=split)
+    with MachineLoad() as load:
+        latencies = measure_latency(policy, {k: np.repeat(v, 2, 0) for k, v in sample_obs.items()}, n_lat,
+                                    int(cfg.eval.seed), warm_start=warm, split=split)
+    if load.busy() and device.type == "cpu":
+        print(f"note: latency timed while other processes kept {load.other_busy_cores:.2f} of {os.cpu_count()} CPUs busy; "
+              "compare it only with latencies timed alike (eval/frontier.py's latency phase times every cell alone)",
+              flush=True)
     lat_model = latency_model(cfg, latencies) if loop.mode == "realtime" else None
     reuse = token_reuse(cfg, policy, loop)
     predict = chunk_predictor(policy, n_chunk, int(cfg.eval.seed), warm_start=warm, token_reuse=reuse)
@@ -167,6 +172,7 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "latency_ms": {k: round(v, 2) for k, v in lat.items()},
         "inference_hz": round(1000.0 / lat["p50"], 2),
         "latency_split_ms": split,  # the VLA's: prefix (once per chunk) and expert (K steps), medians
+        "latency_conditions": load.record(),  # what else ran while latency_ms was timed
         "control_hz": round(control_hz, 2),
         "deadline_misses": sum(s.get("deadline_misses", 0) for s in stats),
         "stale_dropped": sum(s.get("stale_dropped", 0) for s in stats),

@@ -32,6 +32,7 @@ def test_trained_toy_policy_succeeds_and_summary_is_valid(toy_checkpoint, tmp_pa
     lo, hi = on_disk["success_ci95"]
     assert lo <= on_disk["success_rate"] <= hi
     assert on_disk["latency_ms"]["p50"] <= on_disk["latency_ms"]["p95"]
+    assert set(on_disk["latency_conditions"]) == {"other_busy_cores", "cpus", "load_avg_1m"}
     lines = (tmp_path / "episodes.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["seed"] for line in lines) == list(range(40))
     assert (tmp_path / "config.yaml").exists()
@@ -43,6 +44,27 @@ def test_trained_toy_policy_succeeds_and_summary_is_valid(toy_checkpoint, tmp_pa
     assert (tmp_path / "strip.png").stat().st_size > 5_000
     with pytest.raises(FileNotFoundError, match="eval.video=true"):
         figures.main(["frames", str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "x.png")])
+
+
+def test_machine_load_sees_another_busy_process():
+    """A summary says what else ran while its latency was timed: a busy loop in a child process is counted."""
+    import subprocess
+    import sys
+    import time
+
+    from eval.latency import MachineLoad
+
+    if not Path("/proc/stat").exists():
+        pytest.skip("MachineLoad reads /proc/stat (Linux)")
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.3)  # the child is running
+        with MachineLoad() as load:
+            time.sleep(1.0)  # this process idle: what is busy is someone else
+    finally:
+        child.wait()
+    assert load.other_busy_cores >= 0.5 and load.busy()
+    assert load.record()["cpus"] == __import__("os").cpu_count()
 
 
 def test_n_action_steps_override(toy_checkpoint, tmp_path):
