@@ -153,6 +153,10 @@ class ToyExpert:
         self.side = 1.0
         self.reached_waypoint = False
 
+    def reseed(self, seed: int) -> None:
+        """Draw the next episode's side from ``seed`` (eval/collect.py: an episode is a function of its seed)."""
+        self.rng = np.random.default_rng([seed, 13])
+
     def reset(self) -> None:
         self.side = float(self.rng.choice([-1.0, 1.0]))
         self.reached_waypoint = False
