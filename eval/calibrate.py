@@ -72,6 +72,10 @@ def calibrate(cfg: DictConfig) -> Path:
     ckpt = Path(cfg.policy.checkpoint)
     ckpt = ckpt if ckpt.is_absolute() or ckpt.exists() else ROOT / ckpt
     policy = load_policy(ckpt, num_inference_steps=cfg.policy.num_inference_steps, scheduler=cfg.policy.scheduler)
+    if not hasattr(policy.cache_target(ckpt), "cache_calibration"):
+        raise ValueError(f"{ckpt} is a {type(policy).__name__}, whose cache target keeps no saved calibration: its "
+                         "calibrated caches (cache=bac, ...) calibrate on the checkpoint's calibration/calib_obs.npz "
+                         "when eval/run.py or eval/frontier.py builds them; there is nothing for calibrate.py to write")
     scheduler, K, model_hash = policy_signature(policy)
     t0 = time.time()
     calibration_path(ckpt, scheduler, K).parent.mkdir(parents=True, exist_ok=True)

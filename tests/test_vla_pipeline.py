@@ -330,6 +330,10 @@ def test_frontier_on_a_vla_from_observations_recorded_in_closed_loop(tmp_path):
     ckpt = tmp_path / "vla"
     train_vla.main(["--datasets", str(demos), "--out", str(ckpt), "--steps", "2", *TINY])
     base = ["env=toy_lang", "policy=vla", f"policy.checkpoint={ckpt}"]
+    from eval.calibrate import calibrate
+
+    with pytest.raises(ValueError, match="keeps no saved calibration"):  # the VLA calibrates when its cache is built
+        calibrate(compose_cfg(*base))
     with pytest.raises(FileNotFoundError, match="record_obs.py"):
         frontier.frontier(compose_cfg(*base, "frontier=vla", f"frontier.out={tmp_path / 'f'}", "frontier.phase=latency"))
     out = record_obs.record(compose_cfg(*base, "record.n_obs=5", "record.n_episodes=2"))
