@@ -127,8 +127,9 @@ def _worker_rollout(job: tuple) -> tuple[bool, dict]:
 
 def episodes(env, expert, seeds, rollout_args: tuple, workers: int, make_args: tuple):
     """(seed, success, arrays) of each episode in seed order: in this process with ``env``/``expert``, or over
-    ``workers`` spawned processes (each builds its own env from ``make_args``; results come back in seed order,
-    at most ``workers`` episodes run ahead of the one the caller waits for). Close the generator to stop them."""
+    ``workers`` spawned processes (each builds its own env from ``make_args`` and takes the next seed when it is
+    free; episodes that finish after a slower earlier one wait in memory, so results come back in seed order).
+    Close the generator to stop them: the pool is terminated, episodes under way are dropped."""
     if workers <= 1:
         for seed in seeds:
             yield (seed, *rollout(env, expert, seed, *rollout_args))
