@@ -51,11 +51,11 @@ class MachineLoad:
         busy1, own, wall = _busy_cpu_s(), time.process_time() - self.own0, time.perf_counter() - self.wall0
         if self.busy0 is not None and busy1 is not None and wall > 0:
             self.other_busy_cores = max(0.0, (busy1 - self.busy0 - own) / wall)
+        self.load_avg_1m = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # at the block's end, not later
 
     def record(self) -> dict:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         return {"other_busy_cores": None if self.other_busy_cores is None else round(self.other_busy_cores, 2),
-                "cpus": os.cpu_count(), "load_avg_1m": None if load is None else round(load, 2)}
+                "cpus": os.cpu_count(), "load_avg_1m": None if self.load_avg_1m is None else round(self.load_avg_1m, 2)}
 
     def busy(self, threshold: float = 0.5) -> bool:
         """Whether other processes kept at least ``threshold`` of a core busy while the block ran."""
