@@ -124,15 +124,26 @@ class LanguageDemos:
         obs["object_present"] = present.astype(bool)
         return obs
 
-    def sample(self, n: int, generator: torch.Generator, by: str = "window") -> np.ndarray:
+    def sample(self, n: int, generator: torch.Generator, by: str = "window",
+               file_weights: list[float] | None = None) -> np.ndarray:
         """``n`` window indices: uniform over all windows (``by="window"``: a file weighs as much as its demos'
-        length), or a file uniformly and then a window in it (``by="file"``: every task of a multi-task run gets the
-        same share of the batches, however long or many its demos)."""
+        length), or a file and then a window in it (``by="file"``: every task of a multi-task run gets the same
+        share of the batches, however long or many its demos; ``file_weights``, one per file, make the shares
+        proportional to them instead: a task that a mixed run learns more slowly can get more of the batches)."""
         if by == "window":
+            if file_weights is not None:
+                raise ValueError("file weights need sampling by file (--sample-by file)")
             return torch.randint(0, len(self.windows), (n,), generator=generator).numpy()
         if by != "file":
             raise ValueError(f"sample by 'window' or 'file', got {by!r}")
-        files = torch.randint(0, self.n_files, (n,), generator=generator).numpy()
+        if file_weights is None:
+            files = torch.randint(0, self.n_files, (n,), generator=generator).numpy()
+        else:
+            w = torch.as_tensor(file_weights, dtype=torch.float64)
+            if len(w) != self.n_files or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+                raise ValueError(f"file weights must be {self.n_files} non-negative numbers (one per dataset, "
+                                 f"not all zero), got {list(file_weights)}")
+            files = torch.multinomial(w, n, replacement=True, generator=generator).numpy()
         out = np.empty(n, dtype=np.int64)
         for f in np.unique(files):
             pool = np.flatnonzero(self.window_file == f)
@@ -317,7 +328,8 @@ def train(args) -> Path:
     record = {"command": "python " + shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "datasets": [{"path": p, "sha256": file_sha256(Path(p))} for p in args.datasets],
               "n_demos": len(data.demos), "n_windows": len(data.windows), "n_params": n_params,
-              "batch_size": args.batch_size, "sample_by": args.sample_by, "lr": args.lr, "shift": args.shift,
+              "batch_size": args.batch_size, "sample_by": args.sample_by,
+              "file_weights": args.file_weights, "lr": args.lr, "shift": args.shift,
               "threads": args.threads,
               "torch": torch.__version__, "loss_curve": []}
     if padded:
@@ -345,7 +357,7 @@ def train(args) -> Path:
             total = steps_for_budget(args.time_budget_s, time.time() - t0, 40, time.time() - probe_t0, step, args.steps)
             print(f"--time-budget-s {args.time_budget_s:g}: {40 / (time.time() - probe_t0):.2f} steps/s -> {total} steps",
                   flush=True)
-        idx = data.sample(args.batch_size, g, by=args.sample_by)
+        idx = data.sample(args.batch_size, g, by=args.sample_by, file_weights=args.file_weights)
         b = data.batch(idx)
         n = config.n_image_steps  # the policy looks at the last n frames only: augment just those
         images = {c: random_shift(torch.from_numpy(b[f"{c}_image"][:, -n:]), args.shift, g) for c in config.cameras}
@@ -399,6 +411,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--sample-by", default="window", choices=["window", "file"],
                    help="window: uniform over all windows; file: each demo file (task) an equal share of the batches")
+    p.add_argument("--file-weights", nargs="+", type=float, default=None,
+                   help="with --sample-by file: each dataset's share of the batches, in --datasets order (default: equal)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--weight-decay", type=float, default=1e-3)
@@ -410,6 +424,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.num_inference_steps is None:
         args.num_inference_steps = 10 if args.objective == "flow" else 100
+    if args.file_weights is not None:  # checked before the demos load (minutes), not at the first batch
+        if args.sample_by != "file":
+            p.error("--file-weights needs --sample-by file")
+        if len(args.file_weights) != len(args.datasets) or min(args.file_weights) < 0 or sum(args.file_weights) <= 0:
+            p.error(f"--file-weights takes one non-negative share per dataset ({len(args.datasets)}), not all zero; "
+                    f"got {args.file_weights}")
     return args
 
 
