@@ -10,7 +10,8 @@ methods (``bac.methods``) are built from it and know nothing else about the mode
                            ``cursor`` (a cache engine recording the blocks, a schedule, or None); the same seed
                            gives the same run; returns the final output (a tensor; output-weighted schedules,
                            ``bac.sensitivity``, need it)
-  cache_calibration()      optional: calibration summaries saved for this signature (None: bac computes them)
+  cache_calibration()      optional: calibration summaries saved for this signature (absent or returning None:
+                           bac computes them from ``cache_sample`` over 8 inputs)
   cache_step_weights()     optional: output-sensitivity step weights saved for this signature (``bac.sensitivity``)
   cache_blocks             optional attribute: a block declaration for ``bac.engine.attach`` (None: the model's)
 

@@ -10,6 +10,10 @@ the K steps into its similarity sums (``bac.calibration.calibrate``), and writes
 (``calib_obs.npz``: TeaCache, HyCa and ERTACache fit on an uncached run over them), plus schedule JSONs for the
 calibrated methods at the budgets in ``calibrate.n_updates`` under ``<checkpoint>/schedules/``.
 
+A VLA (``policy=vla``) calibrates on the first ``calibrate.n_obs`` observations of the ``calib_obs.npz`` its
+training script wrote (images and instructions); without a saved calibration, its calibrated caches make the same
+one in memory each time they are built.
+
 Where the observations come from: with ``calibrate.dataset`` unset and a checkpoint that already has
 ``calibration/calib_obs.npz`` (every shipped one does), the same observations again, so that every
 (sampler, K) of a checkpoint is calibrated on one set and a fresh clone needs no demos; otherwise
@@ -67,19 +71,36 @@ def shipped_obs(policy, ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return obs, {"calib_obs": str(path.relative_to(ckpt)), "n_obs": n}
 
 
+def own_obs_target(policy, ckpt: Path, cfg: DictConfig) -> tuple[object, int, dict]:
+    """(cache target, n, source) of a policy whose training script wrote its calibration observations (the VLA:
+    images and instructions that calibrate.dataset cannot rebuild): the first ``calibrate.n_obs`` of them, with
+    ``calibrate.seed``, the same run bac makes in memory when no calibration is saved (8 and 0 by default)."""
+    path = calib_obs_path(ckpt)
+    if cfg.calibrate.dataset is not None:
+        raise ValueError(f"{ckpt} is a {type(policy).__name__}: it calibrates on {path} (written by its training "
+                         "script), not on calibrate.dataset; leave calibrate.dataset unset")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the {type(policy).__name__}'s training script writes it beside "
+                                "the weights, and its calibration samples over it")
+    with np.load(path, allow_pickle=False) as z:
+        have = len(z[z.files[0]])
+    n = min(int(cfg.calibrate.n_obs), have)  # as in memory: the first n_obs, or all there are
+    if n < int(cfg.calibrate.n_obs):
+        print(f"calibrate.n_obs={cfg.calibrate.n_obs} but {path} holds {have} observations: calibrating on {have}")
+    return policy.cache_target(ckpt), n, {"calib_obs": str(path.relative_to(ckpt)), "n_obs": n}
+
+
 def calibrate(cfg: DictConfig) -> Path:
     torch.set_num_threads(int(cfg.threads))
     ckpt = Path(cfg.policy.checkpoint)
     ckpt = ckpt if ckpt.is_absolute() or ckpt.exists() else ROOT / ckpt
     policy = load_policy(ckpt, num_inference_steps=cfg.policy.num_inference_steps, scheduler=cfg.policy.scheduler)
-    if not hasattr(policy.cache_target(ckpt), "cache_calibration"):
-        raise ValueError(f"{ckpt} is a {type(policy).__name__}, whose cache target keeps no saved calibration: its "
-                         "calibrated caches (cache=bac, ...) calibrate on the checkpoint's calibration/calib_obs.npz "
-                         "when eval/run.py or eval/frontier.py builds them; there is nothing for calibrate.py to write")
     scheduler, K, model_hash = policy_signature(policy)
     t0 = time.time()
     calibration_path(ckpt, scheduler, K).parent.mkdir(parents=True, exist_ok=True)
-    if cfg.calibrate.dataset is None and calib_obs_path(ckpt).exists():
+    if not isinstance(policy.cache_target(ckpt), DPTCacheTarget):
+        target, n, source = own_obs_target(policy, ckpt, cfg)
+    elif cfg.calibrate.dataset is None and calib_obs_path(ckpt).exists():
         obs, source = shipped_obs(policy, ckpt)
     else:
         dataset = cfg.calibrate.dataset or json.loads((ckpt / "train_record.json").read_text())["dataset"]
@@ -93,8 +114,9 @@ def calibrate(cfg: DictConfig) -> Path:
         np.savez_compressed(calib_obs_path(ckpt), **{k: v.numpy() for k, v in obs.items()})  # for the fitted methods
         held_out = calibration_obs(policy, dataset, int(cfg.calibrate.n_bench_obs), int(cfg.calibrate.seed) + 1)
         np.savez_compressed(bench_obs_path(ckpt), **{k: v.numpy() for k, v in held_out.items()})
-    n = next(iter(obs.values())).shape[0]
-    calib = calibrate_target(DPTCacheTarget(policy, ckpt, obs), n, int(cfg.calibrate.seed), source=source)
+    if isinstance(policy.cache_target(ckpt), DPTCacheTarget):
+        target, n = DPTCacheTarget(policy, ckpt, obs), next(iter(obs.values())).shape[0]
+    calib = calibrate_target(target, n, int(cfg.calibrate.seed), source=source)
     assert (calib.scheduler, calib.model_hash) == (scheduler, model_hash)
     out = calibration_path(ckpt, scheduler, K)
     calib.save(out)

@@ -54,7 +54,7 @@ def ensure_calibrations(cfg: DictConfig, cells: list[Cell], checkpoint: Path) ->
     for sampler, K in pairs:
         policy = load_policy(checkpoint, scheduler=sampler, num_inference_steps=K)
         if not hasattr(policy.cache_target(checkpoint), "cache_calibration"):
-            continue  # a target without saved calibrations (the VLA): bac calibrates when the cache is built
+            continue  # a target that keeps no saved calibrations: bac calibrates when the cache is built
         scheduler, _, _ = policy_signature(policy)
         if calibration_path(checkpoint, scheduler, K).exists():
             continue

@@ -39,7 +39,7 @@ from bac.engine import fingerprint
 from bac.modcall import bind, needs_module_call
 from bac.protocol import Signature
 from bac.sampling import denoise
-from policies.cache_target import calib_obs_path
+from policies.cache_target import calib_obs_path, calibration_path
 from policies.normalizer import Normalizer
 from policies.text_encoder import TEXT_ENCODERS, TextCache, text_encoder
 from policies.transformer_for_diffusion import Attention, DecoderLayer, SinusoidalPosEmb, TransformerForDiffusion
@@ -637,6 +637,25 @@ class VLACacheTarget:
             keys = self.policy.config.obs_keys + [k for k in [*self.policy.config.object_keys, "object_present"]
                                                   if k in z.files]
             return {k: z[k][:n] for k in keys}
+
+    def cache_calibration(self):
+        """The calibration eval/calibrate.py saved for this sampler and K (``calibration/<Scheduler>_K<K>.npz``), or
+        None when there is none: bac then calibrates in memory over the same 8 observations with the same seed, so
+        a saved and an unsaved calibration give the same schedules. One saved for other weights is refused."""
+        if self.checkpoint is None:
+            return None
+        from bac.calibration import Calibration
+
+        sig = self.cache_signature()
+        path = calibration_path(self.checkpoint, sig.scheduler, sig.num_steps)
+        if not path.exists():
+            return None
+        calib = Calibration.load(path)
+        if calib.model_hash != sig.model_hash:
+            raise ValueError(f"{path} was calibrated on other weights (model {calib.model_hash}, this one "
+                             f"{sig.model_hash}); delete it or recalibrate with `python eval/calibrate.py policy=vla "
+                             f"policy.checkpoint={self.checkpoint} policy.num_inference_steps={sig.num_steps}`")
+        return calib
 
     def cache_sample(self, cursor, n: int, seed: int) -> torch.Tensor:
         p = self.policy

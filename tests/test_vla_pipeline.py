@@ -8,6 +8,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import eval.collect as collect
 import eval.manifest as manifest
@@ -136,7 +137,7 @@ def _object_demos(path, width: int, instruction: str, n: int = 2, L: int = 12, e
                   actions=rng.uniform(-1, 1, (L, 2)).astype(np.float32), instruction=instruction, goal="red")
 
 
-def test_multi_task_state_padding_and_init_from(tmp_path):
+def test_multi_task_state_padding_and_init_from(tmp_path, capsys):
     """Tasks whose ``object`` widths differ (Lift 10, Can 14) train one checkpoint: the state token takes the widest,
     a narrower observation is zero-padded (the same actions as padding it by hand), a wider one is refused; a run
     starts from another checkpoint's weights, the state projection's columns fresh for the keys whose width
@@ -178,6 +179,20 @@ def test_multi_task_state_padding_and_init_from(tmp_path):
     assert by_window > 0.8 and abs(by_file - 0.5) < 0.05
     with pytest.raises(ValueError, match="sample by 'window' or 'file'"):
         data.sample(2, g, by="task")
+    # weighted shares: the short file three times as often as the long one, however few its windows
+    by_weight = data.window_file[data.sample(4000, g, by="file", file_weights=[3, 1])].mean()
+    assert abs(by_weight - 0.25) < 0.03
+    assert (data.window_file[data.sample(200, g, by="file", file_weights=[0, 1])] == 1).all()
+    for bad in ([1], [1, -1], [0, 0], [1, float("nan")]):
+        with pytest.raises(ValueError, match="file weights must be 2 non-negative numbers"):
+            data.sample(2, g, by="file", file_weights=bad)
+    with pytest.raises(ValueError, match="need sampling by file"):
+        data.sample(2, g, file_weights=[1, 1])
+    for argv, message in ((["--file-weights", "2", "1"], "needs --sample-by file"),
+                          (["--sample-by", "file", "--file-weights", "2"], "one non-negative share per dataset")):
+        with pytest.raises(SystemExit):
+            train_vla.parse_args(["--datasets", str(narrow), str(long), *argv])
+        assert message in capsys.readouterr().err
     calib = data.calibration_obs(n=4)
     assert [t[0] for t in calib["instruction"]] == ["lift the block", "put the can in its bin"] * 2
     assert calib["object"].shape == (4, 2, 5) and not calib["object"][0, :, 3:].any()  # narrow: zero-padded
@@ -332,8 +347,26 @@ def test_frontier_on_a_vla_from_observations_recorded_in_closed_loop(tmp_path):
     base = ["env=toy_lang", "policy=vla", f"policy.checkpoint={ckpt}"]
     from eval.calibrate import calibrate
 
-    with pytest.raises(ValueError, match="keeps no saved calibration"):  # the VLA calibrates when its cache is built
-        calibrate(compose_cfg(*base))
+    # calibrate.py saves the calibration a VLA's calibrated caches otherwise make in memory: the same schedules
+    from policies import load_policy
+    from policies.cache_target import calibration_path, make_cache
+
+    policy = load_policy(ckpt)
+    bac_cfg = {"name": "bac", "n_updates": 2, "n_bubble": 1}
+    in_memory = make_cache(policy, ckpt, bac_cfg)
+    saved_path = calibrate(compose_cfg(*base, "calibrate.n_updates=[2]"))
+    assert saved_path == calibration_path(ckpt, "FlowMatchEulerDiscreteScheduler", policy.config.num_inference_steps)
+    saved = make_cache(policy, ckpt, bac_cfg)
+    assert saved.steps == in_memory.steps and saved.calibration["calib_obs"] == "calibration/calib_obs.npz"
+    assert saved.calibration["n_obs"] == 2  # the toy checkpoint's calib_obs.npz holds 2 (its 2 demos)
+    assert (ckpt / "schedules" / f"bac_S2_n1_cosine_FlowMatchEulerDiscrete_K{policy.config.num_inference_steps}.json").exists()
+    other = load_policy(ckpt)
+    with torch.no_grad():
+        next(other.expert.parameters()).add_(1.0)  # other weights: the saved calibration is not theirs
+    with pytest.raises(ValueError, match="calibrated on other weights"):
+        make_cache(other, ckpt, bac_cfg)
+    with pytest.raises(ValueError, match="leave calibrate.dataset unset"):
+        calibrate(compose_cfg(*base, f"calibrate.dataset={demos}"))
     with pytest.raises(FileNotFoundError, match="record_obs.py"):
         frontier.frontier(compose_cfg(*base, "frontier=vla", f"frontier.out={tmp_path / 'f'}", "frontier.phase=latency"))
     out = record_obs.record(compose_cfg(*base, "record.n_obs=5", "record.n_episodes=2"))

@@ -43,9 +43,8 @@ class CacheContext:
         """The target's saved calibration (``cache_calibration``), else one made now from its uncached run."""
         if "_calibration" not in self.__dict__:
             saved = getattr(self.target, "cache_calibration", None)
-            if saved is not None:
-                self._calibration = saved()
-            else:
+            self._calibration = saved() if saved is not None else None
+            if self._calibration is None:  # no such method, or none saved for this signature
                 from bac.calibration import calibrate
 
                 self._calibration = calibrate(self.target, self.calibration_inputs)
