@@ -208,9 +208,21 @@ def test_multi_task_state_padding_and_init_from(tmp_path, capsys):
     m = json.loads((multi / "manifest.json").read_text())
     assert m["tasks"] == ["lift", "can"] and m["demos"]["command"] == ["collect lift", "collect can"]
     assert m["evaluations"]["can"]["success_rate"] == 0.6 and m["evaluations"]["lift"]["command"] == "run lift"
-    with pytest.raises(ValueError, match="one --summary per task"):
+    # two seed sets of one cell are pooled; other cells or overlapping seeds are refused, naming why
+    lift = json.loads((tmp_path / "lift.json").read_text())
+    (tmp_path / "lift_s2.json").write_text(json.dumps({**lift, "seeds": [50, 99], "success_rate": 0.8}))
+    manifest.main(["--checkpoint", str(multi), "--summary", str(tmp_path / "lift.json"), str(tmp_path / "lift_s2.json"),
+                   str(tmp_path / "can.json"), "--collect", "c"])
+    e = json.loads((multi / "manifest.json").read_text())["evaluations"]["lift"]
+    assert (e["n_episodes"], e["n_successes"], e["success_rate"]) == (100, 85, 0.85) and len(e["runs"]) == 2
+    assert e["success_ci95"][0] < 0.85 < e["success_ci95"][1] and e["runs"][1]["seeds"] == [50, 99]
+    with pytest.raises(ValueError, match="pool only on disjoint seeds"):
         manifest.main(["--checkpoint", str(multi), "--summary", str(tmp_path / "can.json"), str(tmp_path / "can.json"),
                        "--collect", "c"])
+    (tmp_path / "lift_bac.json").write_text(json.dumps({**lift, "seeds": [50, 99], "cache": "bac"}))
+    with pytest.raises(ValueError, match=r"differ in \['cache'\]"):
+        manifest.main(["--checkpoint", str(multi), "--summary", str(tmp_path / "lift.json"),
+                       str(tmp_path / "lift_bac.json"), "--collect", "c"])
     with pytest.raises(ValueError, match="1 --eval-command for 2 --summary"):
         manifest.main(["--checkpoint", str(multi), "--summary", str(tmp_path / "lift.json"), str(tmp_path / "can.json"),
                        "--collect", "c", "--eval-command", "run"])
