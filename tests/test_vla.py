@@ -271,6 +271,16 @@ def test_shipped_vlas_load_and_predict_on_their_calibration_windows(name):
         assert not obs["object"][..., 10:].any()  # Lift demos: the padding
         lift = {**obs, "object": obs["object"][..., :10]}
         assert torch.equal(predict(policy, lift)["action"], action)
+    # a shipped calibration (eval/calibrate.py policy=vla) and its schedules were made for these weights
+    from bac.calibration import Calibration
+    from bac.schedule import Schedule
+    from policies.cache_target import policy_signature
+
+    _, _, model_hash = policy_signature(policy)  # of the weights, whatever the sampler
+    for path in (ckpt / "calibration").glob("*Scheduler_K*.npz"):
+        assert Calibration.load(path).model_hash == model_hash, path
+    for path in (ckpt / "schedules").glob("*.json") if (ckpt / "schedules").exists() else []:
+        assert Schedule.load(path).model_hash == model_hash, path
 
 
 def object_policy() -> VLAPolicy:
