@@ -86,7 +86,7 @@ def pooled(runs: list[tuple[dict, str | None]]) -> dict:
     if any(lo <= prev_hi for (_, prev_hi), (lo, _) in zip(spans, spans[1:])):
         raise ValueError(f"summaries of task {first['task']!r} pool only on disjoint seeds; their seed ranges are {spans}")
     n = sum(s["n_episodes"] for s, _ in runs)
-    k = sum(round(s["success_rate"] * s["n_episodes"]) for s, _ in runs)
+    k = sum(s.get("n_successes", round(s["success_rate"] * s["n_episodes"])) for s, _ in runs)
     return {**{key: first[key] for key in ("cache", "scheduler", "num_inference_steps")},
             "n_action_steps": first.get("n_action_steps"), "n_episodes": n, "n_successes": k,
             "success_rate": round(k / n, 4), "success_ci95": [round(b, 4) for b in wilson_interval(k, n)],
@@ -99,9 +99,9 @@ def evaluation(s: dict, command: str | None) -> dict:
     return {"command": command or f"python eval/run.py env={s['env']} env.task={s['task']} eval.n_episodes="
                                   f"{s['n_episodes']} eval.seed={s['seeds'][0]}",
             "cache": s["cache"], "scheduler": s["scheduler"], "num_inference_steps": s["num_inference_steps"],
-            "n_action_steps": s.get("n_action_steps"), "n_episodes": s["n_episodes"], "seeds": s["seeds"], "success_rate": s["success_rate"],
-            "success_ci95": s["success_ci95"], "latency_ms": s["latency_ms"], "inference_hz": s["inference_hz"],
-            "control_hz": s["control_hz"], "device": s["device"], **language}
+            "n_action_steps": s.get("n_action_steps"), "n_episodes": s["n_episodes"], "seeds": s["seeds"],
+            "success_rate": s["success_rate"], "success_ci95": s["success_ci95"], "latency_ms": s["latency_ms"],
+            "inference_hz": s["inference_hz"], "control_hz": s["control_hz"], "device": s["device"], **language}
 
 
 if __name__ == "__main__":
