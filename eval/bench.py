@@ -47,7 +47,7 @@ def bench(cfg: DictConfig, out_dir: Path) -> list[dict]:
     policy = load_policy(checkpoint, device, num_inference_steps=cfg.policy.num_inference_steps,
                          scheduler=cfg.policy.scheduler)
     obs = load_bench_obs(policy, checkpoint, int(cfg.bench.n_obs), str(cfg.env.task))
-    obs = {k: v.to(device) for k, v in obs.items()}
+    obs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in obs.items()}  # a VLA's instruction stays text
     configs = []  # (label, cache name, S, schedule or strategy, knobs)
     bubbles = cfg.bench.n_bubble if OmegaConf.is_list(cfg.bench.n_bubble) else [cfg.bench.n_bubble]
     for entry in cfg.bench.caches:

@@ -387,6 +387,13 @@ def test_frontier_on_a_vla_from_observations_recorded_in_closed_loop(tmp_path):
     assert meta["kept"] == 5 and meta["replanning_points"] >= 5 and meta["seeds"] == [100000, 100001]
     with np.load(out, allow_pickle=False) as z:
         assert z["instruction"].shape == (5, 2) and z["agentview_image"].shape == (5, 2, 16, 16, 3)
+    # eval/bench.py times and scores caches on them (the instruction stays text)
+    import eval.bench as bench
+
+    rows = bench.bench(compose_cfg(*base, "bench.caches=[none,bac]", "bench.n_updates=[2]", "bench.n_bubble=[1]",
+                                   "bench.trials=1", "bench.warmup=0", "bench.n_obs=3"), tmp_path / "bench")
+    by_label = {r["config"]: r for r in rows}
+    assert by_label["none"]["action_mse"] == 0.0 and by_label["bac@S2"]["flops_ratio"] < 1.0
     before = out.read_bytes()
     with pytest.raises(FileExistsError, match="overwrite"):
         record_obs.record(compose_cfg(*base, "record.n_obs=3"))
