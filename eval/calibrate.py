@@ -71,8 +71,8 @@ def shipped_obs(policy, ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return obs, {"calib_obs": str(path.relative_to(ckpt)), "n_obs": n}
 
 
-def own_obs_target(policy, ckpt: Path, cfg: DictConfig) -> tuple[object, int, dict]:
-    """(cache target, n, source) of a policy whose training script wrote its calibration observations (the VLA:
+def own_obs_count(policy, ckpt: Path, cfg: DictConfig) -> tuple[int, dict]:
+    """(n, source) for a policy whose training script wrote its calibration observations (the VLA:
     images and instructions that calibrate.dataset cannot rebuild): the first ``calibrate.n_obs`` of them, with
     ``calibrate.seed``, the same run bac makes in memory when no calibration is saved (8 and 0 by default)."""
     path = calib_obs_path(ckpt)
@@ -87,7 +87,7 @@ def own_obs_target(policy, ckpt: Path, cfg: DictConfig) -> tuple[object, int, di
     n = min(int(cfg.calibrate.n_obs), have)  # as in memory: the first n_obs, or all there are
     if n < int(cfg.calibrate.n_obs):
         print(f"calibrate.n_obs={cfg.calibrate.n_obs} but {path} holds {have} observations: calibrating on {have}")
-    return policy.cache_target(ckpt), n, {"calib_obs": str(path.relative_to(ckpt)), "n_obs": n}
+    return n, {"calib_obs": str(path.relative_to(ckpt)), "n_obs": n}
 
 
 def calibrate(cfg: DictConfig) -> Path:
@@ -98,8 +98,10 @@ def calibrate(cfg: DictConfig) -> Path:
     scheduler, K, model_hash = policy_signature(policy)
     t0 = time.time()
     calibration_path(ckpt, scheduler, K).parent.mkdir(parents=True, exist_ok=True)
-    if not isinstance(policy.cache_target(ckpt), DPTCacheTarget):
-        target, n, source = own_obs_target(policy, ckpt, cfg)
+    target = policy.cache_target(ckpt)
+    own_obs = not isinstance(target, DPTCacheTarget)  # observations its training wrote (the VLA's images, text)
+    if own_obs:
+        n, source = own_obs_count(policy, ckpt, cfg)
     elif cfg.calibrate.dataset is None and calib_obs_path(ckpt).exists():
         obs, source = shipped_obs(policy, ckpt)
     else:
@@ -114,7 +116,7 @@ def calibrate(cfg: DictConfig) -> Path:
         np.savez_compressed(calib_obs_path(ckpt), **{k: v.numpy() for k, v in obs.items()})  # for the fitted methods
         held_out = calibration_obs(policy, dataset, int(cfg.calibrate.n_bench_obs), int(cfg.calibrate.seed) + 1)
         np.savez_compressed(bench_obs_path(ckpt), **{k: v.numpy() for k, v in held_out.items()})
-    if isinstance(policy.cache_target(ckpt), DPTCacheTarget):
+    if not own_obs:
         target, n = DPTCacheTarget(policy, ckpt, obs), next(iter(obs.values())).shape[0]
     calib = calibrate_target(target, n, int(cfg.calibrate.seed), source=source)
     assert (calib.scheduler, calib.model_hash) == (scheduler, model_hash)

@@ -38,6 +38,19 @@ def bench_obs_path(checkpoint: str | Path, task: str | None = None) -> Path:
     return Path(checkpoint) / "calibration" / name
 
 
+def saved_calibration(checkpoint: str | Path, sig: Signature, remake: str) -> Calibration | None:
+    """The calibration eval/calibrate.py saved in ``checkpoint`` for ``sig``'s sampler and K, or None when there is
+    none; one made for other weights is refused, with ``remake`` (the command that makes it again)."""
+    path = calibration_path(checkpoint, sig.scheduler, sig.num_steps)
+    if not path.exists():
+        return None
+    calib = Calibration.load(path)
+    if calib.model_hash != sig.model_hash:
+        raise ValueError(f"{path} was calibrated on other weights (model {calib.model_hash}, this one "
+                         f"{sig.model_hash}); delete it or recalibrate with `{remake}`")
+    return calib
+
+
 def calib_obs_path(checkpoint: str | Path) -> Path:
     """The observations (key -> (N, To, d)) that eval/calibrate.py calibrated on, kept for the offline fits."""
     return Path(checkpoint) / "calibration" / "calib_obs.npz"
@@ -92,11 +105,12 @@ class DPTCacheTarget:
 
     def cache_calibration(self) -> Calibration:
         sig = self.cache_signature()
-        path = calibration_path(self.checkpoint, sig.scheduler, sig.num_steps)
-        if not path.exists():
-            raise FileNotFoundError(f"calibration file {path} is missing; make it with "
-                                    f"`python eval/calibrate.py policy.checkpoint={self.checkpoint}` (same scheduler and steps)")
-        return Calibration.load(path)
+        remake = f"python eval/calibrate.py policy.checkpoint={self.checkpoint}"
+        calib = saved_calibration(self.checkpoint, sig, remake)
+        if calib is None:
+            raise FileNotFoundError(f"calibration file {calibration_path(self.checkpoint, sig.scheduler, sig.num_steps)} "
+                                    f"is missing; make it with `{remake}` (same scheduler and steps)")
+        return calib
 
 
 def policy_signature(policy) -> tuple[str, int, str]:

@@ -39,7 +39,7 @@ from bac.engine import fingerprint
 from bac.modcall import bind, needs_module_call
 from bac.protocol import Signature
 from bac.sampling import denoise
-from policies.cache_target import calib_obs_path, calibration_path
+from policies.cache_target import calib_obs_path, saved_calibration
 from policies.normalizer import Normalizer
 from policies.text_encoder import TEXT_ENCODERS, TextCache, text_encoder
 from policies.transformer_for_diffusion import Attention, DecoderLayer, SinusoidalPosEmb, TransformerForDiffusion
@@ -644,18 +644,9 @@ class VLACacheTarget:
         a saved and an unsaved calibration give the same schedules. One saved for other weights is refused."""
         if self.checkpoint is None:
             return None
-        from bac.calibration import Calibration
-
-        sig = self.cache_signature()
-        path = calibration_path(self.checkpoint, sig.scheduler, sig.num_steps)
-        if not path.exists():
-            return None
-        calib = Calibration.load(path)
-        if calib.model_hash != sig.model_hash:
-            raise ValueError(f"{path} was calibrated on other weights (model {calib.model_hash}, this one "
-                             f"{sig.model_hash}); delete it or recalibrate with `python eval/calibrate.py policy=vla "
-                             f"policy.checkpoint={self.checkpoint} policy.num_inference_steps={sig.num_steps}`")
-        return calib
+        K = self.policy.config.num_inference_steps
+        return saved_calibration(self.checkpoint, self.cache_signature(), f"python eval/calibrate.py policy=vla "
+                                 f"policy.checkpoint={self.checkpoint} policy.num_inference_steps={K}")
 
     def cache_sample(self, cursor, n: int, seed: int) -> torch.Tensor:
         p = self.policy
