@@ -1,5 +1,5 @@
 """Scripted experts for the robomimic tasks (Lift, Can, Square) and the multi-object scenes (NutAssembly with both
-nuts, PickPlace with four objects: the expert handles the episode's goal, ``env.goal``), reading privileged sim
+nuts, PickPlace with four objects, two cubes: the expert handles the episode's goal, ``env.goal``), reading privileged sim
 state.
 
 Each expert is a small phase machine over end-effector targets: a P-controller on the position,
@@ -207,6 +207,13 @@ class LiftExpert(Expert):
     def transport(self, eef, eef_yaw, obj):
         table_z = self.rs.model.mujoco_arena.table_offset[2]
         return np.array([eef[0], eef[1], table_z + self.lift_z]), self.yaw, CLOSE
+
+
+class CubeExpert(LiftExpert):
+    """two_cubes: Lift's recipe on the named cube (``env.goal``: red or green)."""
+
+    def _cube_body(self) -> int:
+        return self.env._cube_bodies()[self.env.goals.index(self.env.goal)]
 
 
 class PlaceExpert(Expert):
@@ -434,7 +441,8 @@ class PickPlaceExpert(CanExpert):
 
 
 EXPERTS: dict[str, Callable[[RobomimicEnv], Expert]] = {"lift": LiftExpert, "can": CanExpert, "square": SquareExpert,
-                                                         "nut_assembly": NutExpert, "pick_place": PickPlaceExpert}
+                                                         "nut_assembly": NutExpert, "pick_place": PickPlaceExpert,
+                                                         "two_cubes": CubeExpert}
 
 
 def make_expert(task: str, env: RobomimicEnv) -> Expert:

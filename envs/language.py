@@ -3,7 +3,7 @@ and a disjoint set of held-out paraphrases, used only for evaluation (a policy t
 training instructions, not what they name, fails on them).
 
 A goal is what the instruction names in the scene: the round or the square nut of NutAssembly, one of the four
-objects of PickPlace; Lift, Can and Square have one goal each. ``instruction(task, goal, split, rng)`` draws one
+objects of PickPlace, the red or the green cube of ``two_cubes``; Lift, Can and Square have one goal each. ``instruction(task, goal, split, rng)`` draws one
 phrasing; ``goal_of(task, text)`` inverts an exact phrasing (for demo files and tests).
 """
 from __future__ import annotations
@@ -68,6 +68,16 @@ INSTRUCTIONS: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
         "can": {
             "train": ("put the can in its bin", "place the soda can into its bin", "move the can to its bin"),
             "heldout": ("drop the tin into its compartment", "carry the drink can over to its box"),
+        },
+    },
+    "two_cubes": {  # robosuite's Stack scene: a red cube (cubeA, 4 cm) and a green one (cubeB, 5 cm)
+        "red": {
+            "train": ("lift the red cube", "pick up the red block", "raise the red cube off the table"),
+            "heldout": ("grab the crimson block and hold it up", "take the scarlet cube and lift it into the air"),
+        },
+        "green": {
+            "train": ("lift the green cube", "pick up the green block", "raise the green cube off the table"),
+            "heldout": ("grab the emerald block and hold it up", "take the lime cube and lift it into the air"),
         },
     },
 }

@@ -2,7 +2,8 @@
 
 robosuite's ``object-state`` concatenates each object's observables in a fixed order: for Can, Square, NutAssembly
 and PickPlace 14 numbers per object (its position and quaternion relative to the end effector, then in the world),
-for Lift 10 (the cube's position, quaternion and the gripper-to-cube vector). The same object has the same 14
+for Lift 10 (the cube's position, quaternion and the gripper-to-cube vector; the two cubes of ``two_cubes`` the
+same 10 each, gathered from Stack's observables by ``OBJECT_STATE``). The same object has the same 14
 numbers in every task it appears in: the can of Can is PickPlace's fourth block, Square's nut NutAssembly's first.
 Concatenated as ``object``, they land in different places (a multi-task policy that zero-pads the narrower
 ``object`` reads Can's can where PickPlace has the milk). Split by name (``object_<name>``), one key per object,
@@ -22,8 +23,24 @@ OBJECTS: dict[str, tuple[tuple[str, int], ...]] = {
     "square": (("square_nut", 14),),
     "nut_assembly": (("square_nut", 14), ("round_nut", 14)),
     "pick_place": (("milk", 14), ("bread", 14), ("cereal", 14), ("can", 14)),
+    "two_cubes": (("red_cube", 10), ("green_cube", 10)),
+}
+# Tasks whose ``object`` is not robosuite's ``object-state`` but these observables concatenated: Stack's
+# object-state (23 numbers) interleaves its two cubes and adds their offset; here each cube is Lift's 10 numbers in
+# Lift's order (position, quaternion, gripper-to-cube vector), so the red cube sits where Lift's cube does.
+OBJECT_STATE: dict[str, tuple[str, ...]] = {
+    "two_cubes": ("cubeA_pos", "cubeA_quat", "gripper_to_cubeA", "cubeB_pos", "cubeB_quat", "gripper_to_cubeB"),
 }
 PREFIX = "object_"
+
+
+def object_state(task: str, raw: dict) -> np.ndarray:
+    """``object`` of ``task`` from a robosuite observation dict: its ``object-state``, or the observables
+    ``OBJECT_STATE`` names for the task, concatenated."""
+    keys = OBJECT_STATE.get(task)
+    if keys is None:
+        return np.asarray(raw["object-state"])
+    return np.concatenate([np.asarray(raw[k]).reshape(-1) for k in keys])
 
 
 def object_keys(task: str) -> list[str]:

@@ -1,12 +1,13 @@
-"""The robomimic task suite (Lift, Can, Square) and two multi-object scenes (NutAssembly with both nuts, PickPlace
-with four objects) as a gymnasium env, run directly on robosuite 1.5; optionally with camera images and an
+"""The robomimic task suite (Lift, Can, Square) and three multi-object scenes (NutAssembly with both nuts, PickPlace
+with four objects, two cubes to lift one of) as a gymnasium env, run directly on robosuite 1.5; optionally with camera images and an
 instruction per episode.
 
 robomimic 0.3 itself cannot be used with robosuite 1.5 (it imports ``mujoco_py``), so this module rebuilds what
 matters from it: the task names, the Panda + OSC_POSE delta setup at 20 Hz, the horizon of 400 and the low-dim
 observation keys ``object`` (robosuite's ``object-state``), ``robot0_eef_pos``, ``robot0_eef_quat`` (xyzw) and
 ``robot0_gripper_qpos``, and ``object`` split per object as ``object_<name>`` (``envs/objects.py``: the same object
-has the same key in every task). ``env_meta()`` returns robomimic's ``env_args`` dict, stored with every demo file.
+has the same key in every task; ``two_cubes`` gathers its ``object`` from Stack's observables so that each cube has
+Lift's 10 numbers). ``env_meta()`` returns robomimic's ``env_args`` dict, stored with every demo file.
 
 Seeding: robosuite draws the object placement, the cube size (Lift) and the robot joint noise from ``env.rng`` and
 from the ``rng`` of the placement sampler(s), which keep the generator they were built with. ``reset(seed=s)``
@@ -14,9 +15,10 @@ replaces all of them with ``np.random.default_rng(s)`` before the (hard) reset, 
 episode, bit for bit.
 
 Goals and language: in the multi-object scenes an episode's *goal* names one object (``envs.language.goals``: the
-round or the square nut; milk, bread, cereal or can), drawn from the episode seed unless ``reset(options={"goal":
-...})`` sets it, and success is *that* object on its peg or in its bin with the gripper away from it (robosuite's
-per-object check); ``info["placed"]`` lists every goal placed and ``info["handled"]`` every goal whose object has
+round or the square nut; milk, bread, cereal or can; the red or the green cube), drawn from the episode seed unless
+``reset(options={"goal": ...})`` sets it, and success is *that* object on its peg or in its bin with the gripper
+away from it (robosuite's per-object check), or for ``two_cubes`` *that* cube lifted ``LIFTED_DZ`` above where it rested (robosuite's
+Stack scene, its stacking check unused); ``info["placed"]`` lists every goal placed and ``info["handled"]`` every goal whose object has
 been lifted 3 cm above its resting place this episode, so a policy that goes for the wrong object shows.
 With ``language=True`` the observation carries ``instruction`` (a string, one phrasing of the goal from
 ``instructions="train"`` or the held-out ``"heldout"`` paraphrases, drawn from the episode seed). With ``cameras``
@@ -35,12 +37,13 @@ import gymnasium as gym
 import numpy as np
 
 from envs import language as lang
-from envs.objects import object_widths, split_objects
+from envs.objects import OBJECT_STATE, object_state, object_widths, split_objects
 
 TASKS: dict[str, str] = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare",
-                         "nut_assembly": "NutAssembly", "pick_place": "PickPlace"}
+                         "nut_assembly": "NutAssembly", "pick_place": "PickPlace", "two_cubes": "Stack"}
 CAMERAS: tuple[str, ...] = ("agentview", "robot0_eye_in_hand")  # robomimic's image tasks: front view and wrist
 HANDLED_DZ = 0.03  # an object lifted this far above where it rested at reset was handled (picked up)
+LIFTED_DZ = 0.04  # two_cubes' success: the named cube this far above where it rested (past HANDLED_DZ)
 OBS_KEYS: tuple[str, ...] = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 ACTION_DIM = 7  # OSC_POSE delta: dx, dy, dz, dax, day, daz (axis-angle), gripper (-1 open, +1 close)
 
@@ -129,6 +132,9 @@ class RobomimicEnv(gym.Env):
         spec = self._env.observation_spec()
         space = {k: gym.spaces.Box(-np.inf, np.inf, shape=np.shape(spec[_robosuite_key(k)]), dtype=np.float32)
                  for k in OBS_KEYS}
+        if task in OBJECT_STATE:
+            space["object"] = gym.spaces.Box(-np.inf, np.inf, shape=(sum(object_widths(task).values()),),
+                                             dtype=np.float32)
         for key, width in object_widths(task).items():  # ``object`` split per object (envs/objects.py)
             space[key] = gym.spaces.Box(-np.inf, np.inf, shape=(width,), dtype=np.float32)
         for cam in cameras:
@@ -190,14 +196,16 @@ class RobomimicEnv(gym.Env):
         check for the named object). Multi-object scenes also give the ``goal``, ``placed`` (every goal whose
         object is in place) and ``handled`` (every goal whose object was lifted ``HANDLED_DZ`` above its resting
         height this episode; the first call after a reset records those heights)."""
-        done = bool(self._env._check_success())
         if len(self.goals) == 1:
-            return {"is_success": done}
-        flags = self._env.objects_on_pegs if self.task == "nut_assembly" else self._env.objects_in_bins
-        placed = [g for g, f in zip(self.goals, flags) if f]
+            return {"is_success": bool(self._env._check_success())}
         heights = self._object_heights()
         if self._rest is None:  # the reset: where each object rests
             self._rest, self._handled = heights, set()
+        if self.task == "two_cubes":  # lifted: LIFTED_DZ above where the cube rested
+            flags = [heights[g] > self._rest[g] + LIFTED_DZ for g in self.goals]
+        else:
+            flags = self._env.objects_on_pegs if self.task == "nut_assembly" else self._env.objects_in_bins
+        placed = [g for g, f in zip(self.goals, flags) if f]
         self._handled |= {g for g in self.goals if heights[g] > self._rest[g] + HANDLED_DZ}
         return {"is_success": self.goal in placed, "goal": self.goal, "placed": placed,
                 "handled": [g for g in self.goals if g in self._handled]}
@@ -207,9 +215,15 @@ class RobomimicEnv(gym.Env):
         rs = self._env
         if self.task == "nut_assembly":
             names = {g: rs.nuts[rs.nut_to_id[g]].name for g in self.goals}
+        elif self.task == "two_cubes":
+            return {g: float(rs.sim.data.body_xpos[b][2]) for g, b in zip(self.goals, self._cube_bodies())}
         else:
             names = {g: g.capitalize() for g in self.goals}
         return {g: float(rs.sim.data.body_xpos[rs.obj_body_id[n]][2]) for g, n in names.items()}
+
+    def _cube_bodies(self) -> tuple[int, int]:
+        """two_cubes: the body ids of the red and the green cube (Stack's cubeA, cubeB), the goals' order."""
+        return self._env.cubeA_body_id, self._env.cubeB_body_id
 
     def hold_action(self, last: np.ndarray | None = None) -> np.ndarray:
         """What a late policy leaves the arm doing: no motion (a zero OSC delta), the gripper as last commanded."""
@@ -272,7 +286,8 @@ class RobomimicEnv(gym.Env):
         return {"env_name": TASKS[self.task], "type": 1, "env_kwargs": dict(self._env_kwargs), "wrapper": wrapper}
 
     def _obs(self, raw: dict) -> dict:
-        obs = {k: np.asarray(raw[_robosuite_key(k)], dtype=np.float32).copy() for k in OBS_KEYS}
+        obs = {k: np.asarray(raw[_robosuite_key(k)], dtype=np.float32).copy() for k in OBS_KEYS if k != "object"}
+        obs["object"] = np.asarray(object_state(self.task, raw), dtype=np.float32).copy()
         obs.update({k: v.copy() for k, v in split_objects(self.task, obs["object"]).items()})
         for cam in self.cameras:  # robosuite renders in OpenGL convention (bottom row first)
             obs[f"{cam}_image"] = np.ascontiguousarray(raw[f"{cam}_image"][::-1])

@@ -271,16 +271,26 @@ def init_weights(policy: VLAPolicy, directory: str) -> dict:
 def state_columns(weight: torch.Tensor, source: dict, config: VLAConfig,
                   init: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
     """The state projection for ``config``'s state keys from a source checkpoint's (``weight``, its config
-    ``source``): the columns of every key both have at the same width (and unpadded) copied, the others
-    ``init``'s (a run that moves ``object`` out of the state into object tokens keeps what the robot state's
-    columns learnt). Returns it and the keys copied."""
+    ``source``): the columns of every key both have at the same width copied, the others ``init``'s (a run that
+    moves ``object`` out of the state into object tokens keeps what the robot state's columns learnt). A key that
+    is zero-padded here and was narrower in the source (``object`` when a task with more objects joins) keeps the
+    source's columns as its leading ones: the source's tasks fill exactly those (the padding is at the end), so on
+    them the projection starts as it was; the new columns start fresh. Returns it and the keys copied
+    (``key[:n]`` for the leading n columns of a widened key)."""
     out, kept = init.clone(), []
     src = dict(zip(source.get("state_keys", []), zip(np.cumsum([0, *source.get("state_dims", [])]), source.get("state_dims", []))))
+    src_padded = source.get("padded_state_keys", [])
     for start, key, dim in zip(np.cumsum([0, *config.state_dims]), config.state_keys, config.state_dims):
-        if (key in src and src[key][1] == dim and key not in config.padded_state_keys
-                and key not in source.get("padded_state_keys", [])):
-            out[:, start: start + dim] = weight[:, src[key][0]: src[key][0] + dim]
+        if key not in src:
+            continue
+        s0, n = src[key]
+        if n == dim and key not in config.padded_state_keys and key not in src_padded:
             kept.append(key)
+        elif n <= dim and key in config.padded_state_keys:  # widened (or as wide): the leading columns
+            kept.append(key if n == dim else f"{key}[:{n}]")
+        else:
+            continue
+        out[:, start: start + n] = weight[:, s0: s0 + n]
     return out, kept
 
 

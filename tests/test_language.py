@@ -22,6 +22,7 @@ def test_multi_object_scenes_and_their_ids():
     # the goals of a scene are in robosuite's id order (NutAssembly.nut_to_id, PickPlace.object_to_id)
     assert goals("nut_assembly") == ("square", "round")
     assert goals("pick_place") == ("milk", "bread", "cereal", "can")
+    assert goals("two_cubes") == ("red", "green")  # Stack's cubeA (red), cubeB (green)
     assert goals("lift") == ("cube",)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from envs.objects import object_keys, split_objects, task_of_file
+from envs.objects import object_keys, object_state, split_objects, task_of_file
 
 
 def test_split_names_each_object_and_refuses_another_layout():
@@ -17,6 +17,19 @@ def test_split_names_each_object_and_refuses_another_layout():
         split_objects("can", x)
     with pytest.raises(KeyError, match="no object layout for task 'toy'"):
         object_keys("toy")
+
+
+def test_two_cubes_gathers_each_cube_in_lifts_layout():
+    """Stack's object-state interleaves the cubes; two_cubes' ``object`` is each cube's position, quaternion and
+    gripper-to-cube vector (Lift's 10), red then green."""
+    raw = {"cubeA_pos": [1, 2, 3], "cubeA_quat": [4, 5, 6, 7], "cubeB_pos": [11, 12, 13], "cubeB_quat": [14, 15, 16, 17],
+           "cubeA_to_cubeB": [9, 9, 9], "gripper_to_cubeA": [8, 8, 8], "gripper_to_cubeB": [18, 18, 18],
+           "object-state": np.zeros(23)}
+    x = object_state("two_cubes", raw)
+    assert x.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 8, 8, 11, 12, 13, 14, 15, 16, 17, 18, 18, 18]
+    parts = split_objects("two_cubes", x)
+    assert list(parts) == ["object_red_cube", "object_green_cube"] and parts["object_green_cube"][0] == 11
+    assert object_state("lift", {"object-state": np.arange(10)}).tolist() == list(range(10))
 
 
 def test_the_task_of_a_demo_file():

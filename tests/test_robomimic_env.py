@@ -7,13 +7,14 @@ import pytest
 from envs.robomimic import OBS_KEYS, TASKS
 
 sim = pytest.mark.sim
-OBJECT_DIM = {"lift": 10, "can": 14, "square": 14, "nut_assembly": 28, "pick_place": 56}
+OBJECT_DIM = {"lift": 10, "can": 14, "square": 14, "nut_assembly": 28, "pick_place": 56, "two_cubes": 20}
 
 
 def test_unknown_task_lists_known_ones():
     from envs.robomimic import RobomimicEnv
 
-    with pytest.raises(ValueError, match=r"unknown robomimic task 'stack'.*\['can', 'lift', 'nut_assembly', 'pick_place', 'square'\]"):
+    with pytest.raises(ValueError, match=r"unknown robomimic task 'stack'.*\['can', 'lift', 'nut_assembly', 'pick_place', 'square', "
+                       r"'two_cubes'\]"):
         RobomimicEnv("stack")
 
 
@@ -57,18 +58,20 @@ def test_spaces_and_step(task):
         obs, info = env.reset(seed=0)
         _assert_obs_matches_space(env, obs)
         # the per-object keys are robosuite's object observables grouped by object, in object-state's order
-        from envs.objects import OBJECTS, object_keys
+        from envs.objects import OBJECT_STATE, OBJECTS, object_keys
 
         raw = env._env._get_observations(force_update=True)
         names = [k for k, o in env._env._observables.items() if o.modality == "object" and o.is_enabled() and o.is_active()]
+        if task in OBJECT_STATE:  # gathered from the observables it names (test_two_cubes_...: Lift's layout)
+            names = list(OBJECT_STATE[task])
         ours = obs["object"] != 0  # at reset robosuite's object-to-eef values are still zero
         assert ours.sum() >= 3 * len(OBJECTS[task])
         assert np.allclose(np.concatenate([np.ravel(raw[k]) for k in names])[ours], obs["object"][ours], atol=1e-6)
-        widths = [w for _, w in OBJECTS[task]]
         owners = [n.replace("gripper_to_", "").split("_to_")[0].rsplit("_", 1)[0].lower() for n in names]
         grouped = [(o, sum(np.size(raw[n]) for n, oo in zip(names, owners) if oo == o)) for o in dict.fromkeys(owners)]
-        assert [(name.replace("_", ""), w) for name, w in OBJECTS[task]] == [(o, w) for o, w in grouped]
-        assert [w for _, w in grouped] == widths
+        if task not in OBJECT_STATE:  # robosuite's object names are ours
+            assert [(name.replace("_", ""), w) for name, w in OBJECTS[task]] == [(o, w) for o, w in grouped]
+        assert [w for _, w in grouped] == [w for _, w in OBJECTS[task]]
         assert np.array_equal(np.concatenate([obs[k] for k in object_keys(task)]), obs["object"])
         assert "is_success" in info
         for t in range(3):
@@ -261,7 +264,7 @@ def test_resets_with_cameras_do_not_grow_memory():
 
 
 @sim
-@pytest.mark.parametrize("task", ["nut_assembly", "pick_place"])
+@pytest.mark.parametrize("task", ["nut_assembly", "pick_place", "two_cubes"])
 def test_expert_handles_the_named_object(task):
     """For every goal of a multi-object scene the expert places the named object, and no other."""
     from envs.experts import make_expert
@@ -286,6 +289,34 @@ def test_expert_handles_the_named_object(task):
                     done = True
                     break
             assert done, f"{task}: the expert placed no {goal} in 2 episodes"
+    finally:
+        env.close()
+
+
+@sim
+def test_two_cubes_counts_only_the_named_cube():
+    """Lifting the other cube handles it and places it, but is no success; the cube sits where Lift's does in
+    ``object``."""
+    from envs.experts import make_expert
+    from envs.robomimic import RobomimicEnv
+
+    env = RobomimicEnv("two_cubes")
+    try:
+        obs, _ = env.reset(seed=3, options={"goal": "red"})
+        red, green = env._cube_bodies()
+        assert np.allclose(obs["object_red_cube"][:3], env.sim_env.sim.data.body_xpos[red], atol=1e-6)
+        assert np.allclose(obs["object_green_cube"][:3], env.sim_env.sim.data.body_xpos[green], atol=1e-6)
+        expert = make_expert("two_cubes", env)
+        expert._cube_body = lambda: green  # go for the cube the instruction does not name
+        lifted = False
+        for _ in range(150):
+            obs, _, terminated, _, info = env.step(expert.act(obs))
+            assert not terminated and not info["is_success"]
+            lifted = info["placed"] == ["green"]
+            if lifted:
+                break
+        assert lifted and info["handled"] == ["green"] and info["goal"] == "red", info
+        assert np.allclose(obs["object_red_cube"][7:], obs["object_red_cube"][:3] - obs["robot0_eef_pos"], atol=1e-5)
     finally:
         env.close()
 

@@ -234,13 +234,14 @@ def test_multi_task_state_padding_and_init_from(tmp_path, capsys):
     train_vla.main(["--datasets", str(narrow), str(wide), "--out", str(again), "--steps", "1", "--lr", "0",
                     "--init-from", str(single), *tiny])
     init = json.loads((again / "train_record.json").read_text())["init_from"]
-    # the state projection keeps the columns of agent_pos (same width), object's (now padded) start fresh
+    # the state projection keeps the columns of agent_pos (same width) and object's 3 as the leading columns of
+    # the padded (wider) object; its new columns start fresh
     assert init["checkpoint"] == str(single) and init["steps"] == 2 and init["fresh_tensors"] == []
-    assert init["state_proj_columns_kept"] == ["agent_pos"]
+    assert init["state_proj_columns_kept"] == ["agent_pos", "object[:3]"]
     src, dst = load_policy(single).state_dict(), load_policy(again).state_dict()
     assert all(torch.equal(src[k], dst[k]) for k in src if k != "state_proj.weight")  # lr 0: the init kept
-    assert torch.equal(src["state_proj.weight"][:, :2], dst["state_proj.weight"][:, :2])
-    assert not torch.equal(src["state_proj.weight"][:, 2:], dst["state_proj.weight"][:, 2:5])
+    assert src["state_proj.weight"].shape[1] == 5 and dst["state_proj.weight"].shape[1] > 5
+    assert torch.equal(src["state_proj.weight"], dst["state_proj.weight"][:, :5])
     with pytest.raises(ValueError, match="n_emb 32 there, 48 here"):
         train_vla.main(["--datasets", str(narrow), "--out", str(tmp_path / "bad"), "--steps", "1",
                         "--init-from", str(single), *tiny[:tiny.index("--n-emb")], "--n-emb", "48",
