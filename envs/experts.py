@@ -213,7 +213,7 @@ class CubeExpert(LiftExpert):
     """two_cubes: Lift's recipe on the named cube (``env.goal``: red or green)."""
 
     def _cube_body(self) -> int:
-        return self.env._cube_bodies()[self.env.goals.index(self.env.goal)]
+        return self.env.cube_bodies()[self.env.goals.index(self.env.goal)]
 
 
 class PlaceExpert(Expert):

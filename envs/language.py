@@ -70,14 +70,17 @@ INSTRUCTIONS: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
             "heldout": ("drop the tin into its compartment", "carry the drink can over to its box"),
         },
     },
-    "two_cubes": {  # robosuite's Stack scene: a red cube (cubeA, 4 cm) and a green one (cubeB, 5 cm)
+    # robosuite's Stack scene: a red cube (cubeA, 4 cm) and a green one (cubeB, 5 cm). The held-out phrasings keep
+    # the colour word in new sentences (as CALVIN's do); colour synonyms would test the frozen text encoder more
+    # than the policy: in MiniLM's token outputs "emerald" is as near "red" as "green" (cosine 0.22 and 0.21).
+    "two_cubes": {
         "red": {
             "train": ("lift the red cube", "pick up the red block", "raise the red cube off the table"),
-            "heldout": ("grab the crimson block and hold it up", "take the scarlet cube and lift it into the air"),
+            "heldout": ("grab the red block and hold it up", "take the red cube and lift it into the air"),
         },
         "green": {
             "train": ("lift the green cube", "pick up the green block", "raise the green cube off the table"),
-            "heldout": ("grab the emerald block and hold it up", "take the lime cube and lift it into the air"),
+            "heldout": ("grab the green block and hold it up", "take the green cube and lift it into the air"),
         },
     },
 }

@@ -216,12 +216,12 @@ class RobomimicEnv(gym.Env):
         if self.task == "nut_assembly":
             names = {g: rs.nuts[rs.nut_to_id[g]].name for g in self.goals}
         elif self.task == "two_cubes":
-            return {g: float(rs.sim.data.body_xpos[b][2]) for g, b in zip(self.goals, self._cube_bodies())}
+            return {g: float(rs.sim.data.body_xpos[b][2]) for g, b in zip(self.goals, self.cube_bodies())}
         else:
             names = {g: g.capitalize() for g in self.goals}
         return {g: float(rs.sim.data.body_xpos[rs.obj_body_id[n]][2]) for g, n in names.items()}
 
-    def _cube_bodies(self) -> tuple[int, int]:
+    def cube_bodies(self) -> tuple[int, int]:
         """two_cubes: the body ids of the red and the green cube (Stack's cubeA, cubeB), the goals' order."""
         return self._env.cubeA_body_id, self._env.cubeB_body_id
 

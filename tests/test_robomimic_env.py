@@ -303,7 +303,7 @@ def test_two_cubes_counts_only_the_named_cube():
     env = RobomimicEnv("two_cubes")
     try:
         obs, _ = env.reset(seed=3, options={"goal": "red"})
-        red, green = env._cube_bodies()
+        red, green = env.cube_bodies()
         assert np.allclose(obs["object_red_cube"][:3], env.sim_env.sim.data.body_xpos[red], atol=1e-6)
         assert np.allclose(obs["object_green_cube"][:3], env.sim_env.sim.data.body_xpos[green], atol=1e-6)
         expert = make_expert("two_cubes", env)
