@@ -251,24 +251,27 @@ def test_minilm_encoder_loads_offline_and_separates_the_goals():
     assert torch.all(feats[~mask] == 0)
 
 
-@pytest.mark.parametrize("name", ["vla", "vla_lift_can", "vla_lift_reuse", "vla_lift_can2"])
+@pytest.mark.parametrize("name", ["vla", "vla_lift_can", "vla_lift_reuse", "vla_lift_can2", "vla_lift_can_cubes"])
 def test_shipped_vlas_load_and_predict_on_their_calibration_windows(name):
     """The shipped VLAs load (weights hashed in their manifest) and predict finite actions in range from the demo
-    windows they were calibrated on; the multi-task one zero-pads Lift's 10-d object pose to Can's 14; the one
+    windows they were calibrated on; the multi-task ones zero-pad Lift's 10-d object pose to the widest task's; the one
     made for token reuse has image tokens that see only images (the multi-task ones are fed Lift's windows)."""
     from pathlib import Path
+
+    from envs.language import phrasings
 
     ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / name
     policy = load_policy(ckpt, num_inference_steps=3)
     with np.load(ckpt / "calibration" / "calib_obs.npz", allow_pickle=False) as z:
-        lift_rows = [i for i, t in enumerate(z["instruction"][:, 0]) if "can" not in t.lower()]  # Lift's demos
+        lift_rows = [i for i, t in enumerate(z["instruction"][:, 0]) if t in phrasings("lift", "cube", "train")]
         obs = {k: z[k][lift_rows[:2]] for k in z.files}
     action = predict(policy, obs)["action"]
     assert action.shape == (2, policy.config.n_action_steps, 7) and torch.isfinite(action).all()
     assert action.abs().max() <= 1.5
     assert policy.config.image_attention == ("images" if name == "vla_lift_reuse" else "all")
     if policy.config.padded_state_keys:
-        assert policy.config.padded_state_keys == ["object"] and obs["object"].shape[-1] == 14
+        width = policy.config.state_dims[policy.config.state_keys.index("object")]  # Can's 14, two_cubes' 20
+        assert policy.config.padded_state_keys == ["object"] and obs["object"].shape[-1] == width > 10
         assert not obs["object"][..., 10:].any()  # Lift demos: the padding
         lift = {**obs, "object": obs["object"][..., :10]}
         assert torch.equal(predict(policy, lift)["action"], action)
