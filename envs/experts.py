@@ -1,6 +1,6 @@
 """Scripted experts for the robomimic tasks (Lift, Can, Square) and the multi-object scenes (NutAssembly with both
-nuts, PickPlace with four objects, two cubes: the expert handles the episode's goal, ``env.goal``), reading privileged sim
-state.
+nuts, PickPlace with four objects, two cubes: the expert handles the episode's goal, ``env.goal``), reading
+privileged sim state.
 
 Each expert is a small phase machine over end-effector targets: a P-controller on the position,
 ``a[:3] = clip(kp * (target - eef), -1, 1)``, an orientation controller that keeps the gripper pointing down at a

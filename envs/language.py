@@ -3,8 +3,9 @@ and a disjoint set of held-out paraphrases, used only for evaluation (a policy t
 training instructions, not what they name, fails on them).
 
 A goal is what the instruction names in the scene: the round or the square nut of NutAssembly, one of the four
-objects of PickPlace, the red or the green cube of ``two_cubes``; Lift, Can and Square have one goal each. ``instruction(task, goal, split, rng)`` draws one
-phrasing; ``goal_of(task, text)`` inverts an exact phrasing (for demo files and tests).
+objects of PickPlace, the red or the green cube of ``two_cubes``; Lift, Can and Square have one goal each.
+``instruction(task, goal, split, rng)`` draws one phrasing; ``goal_of(task, text)`` inverts an exact phrasing (for
+demo files and tests).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The robomimic task suite (Lift, Can, Square) and three multi-object scenes (NutAssembly with both nuts, PickPlace
-with four objects, two cubes to lift one of) as a gymnasium env, run directly on robosuite 1.5; optionally with camera images and an
-instruction per episode.
+with four objects, two cubes to lift one of) as a gymnasium env, run directly on robosuite 1.5; optionally with
+camera images and an instruction per episode.
 
 robomimic 0.3 itself cannot be used with robosuite 1.5 (it imports ``mujoco_py``), so this module rebuilds what
 matters from it: the task names, the Panda + OSC_POSE delta setup at 20 Hz, the horizon of 400 and the low-dim
@@ -17,9 +17,10 @@ episode, bit for bit.
 Goals and language: in the multi-object scenes an episode's *goal* names one object (``envs.language.goals``: the
 round or the square nut; milk, bread, cereal or can; the red or the green cube), drawn from the episode seed unless
 ``reset(options={"goal": ...})`` sets it, and success is *that* object on its peg or in its bin with the gripper
-away from it (robosuite's per-object check), or for ``two_cubes`` *that* cube lifted ``LIFTED_DZ`` above where it rested (robosuite's
-Stack scene, its stacking check unused); ``info["placed"]`` lists every goal placed and ``info["handled"]`` every goal whose object has
-been lifted 3 cm above its resting place this episode, so a policy that goes for the wrong object shows.
+away from it (robosuite's per-object check), or for ``two_cubes`` *that* cube lifted ``LIFTED_DZ`` above where it
+rested (robosuite's Stack scene, its stacking check unused); ``info["placed"]`` lists every goal placed and
+``info["handled"]`` every goal whose object has been lifted 3 cm above its resting place this episode, so a policy
+that goes for the wrong object shows.
 With ``language=True`` the observation carries ``instruction`` (a string, one phrasing of the goal from
 ``instructions="train"`` or the held-out ``"heldout"`` paraphrases, drawn from the episode seed). With ``cameras``
 it carries ``<camera>_image`` (H, W, 3) uint8, the right way up (robomimic's keys; shadows and reflections off).

@@ -43,7 +43,8 @@ from envs import make_env
 from envs.objects import PREFIX as OBJECT_PREFIX
 from envs.recorder import DemoWriter
 
-TASKS = ("lift", "can", "square", "nut_assembly", "pick_place", "two_cubes", "toy")  # toy: the numpy task of envs/toy.py
+# toy: the numpy task of envs/toy.py
+TASKS = ("lift", "can", "square", "nut_assembly", "pick_place", "two_cubes", "toy")
 
 
 def make_env_and_expert(task: str, horizon: int, seed: int, cameras: tuple[str, ...] = (), image_size: int = 84,
