@@ -57,8 +57,20 @@ def collect(cells: list[Cell], out: Path, latency: dict | None) -> list[dict]:
             row["success"] = pooled([s["n_successes"] for s in summaries], [s["n_episodes"] for s in summaries])
             row["seed_sets"] = [s["seeds"] for s in summaries]
             row["mean_episode_steps"] = round(float(np.mean([s["mean_episode_steps"] for s in summaries])), 1)
+            row.update(choice_counts(summaries))
         rows.append(row)
     return rows
+
+
+def choice_counts(summaries: list[dict]) -> dict:
+    """On a scene where the instruction names one of several objects (the summary's ``language`` block), the named
+    object and any other handled, pooled over the seed sets like the success: a sampler or cache that loses the
+    instruction shows here even where it keeps the grasp. Empty where any seed set lacks the block."""
+    blocks = [s.get("language") for s in summaries]
+    if not blocks or not all(b and "named_handled" in b and "other_handled" in b for b in blocks):
+        return {}
+    n = [int(b["n"]) for b in blocks]
+    return {key: pooled([round(b[key] * k) for b, k in zip(blocks, n)], n) for key in ("named_handled", "other_handled")}
 
 
 def analyse(rows: list[dict], reference: str) -> dict:
@@ -129,6 +141,7 @@ def write_report(cfg: DictConfig, rows: list[dict], summary: dict, out: Path, la
     front = set(summary["pareto"])
     within = set(summary["within_reference"])
     keys = proxy_keys(rows)
+    choice = any("other_handled" in r for r in rows)  # a scene where the instruction names the object
     env_group = f"{cfg.env.name}_lang" if cfg.env.get("language") else str(cfg.env.name)  # configs/env/<group>.yaml
     command = f"python eval/frontier.py env={env_group} env.task={cfg.env.task}"
     if str(cfg.policy.name) != "dpt":  # another policy family has its own grid (configs/frontier/<name>.yaml)
@@ -139,15 +152,21 @@ def write_report(cfg: DictConfig, rows: list[dict], summary: dict, out: Path, la
              f"action chunk timed in one process in {meta.get('trials', '?')} interleaved rounds on "
              f"{meta.get('device', '?')}. ★ Pareto set; ✓ success at or above the lower end of "
              f"{summary['reference']}'s 95% interval {summary['reference_ci95']}.", "",
-             "| config | success [95% CI] | episodes | p50 ms | p95 ms | FLOPs | "
+             "| config | success [95% CI] | episodes | "
+             + ("named object handled [95% CI] | another handled | " if choice else "") + "p50 ms | p95 ms | FLOPs | "
              + "".join(f"MSE vs {proxy_name(k)} | " for k in keys) + "|",
-             "|---|---|---|---|---|---|" + "---|" * len(keys) + "---|"]
+             "|---|---|---|" + "---|---|" * choice + "---|---|---|" + "---|" * len(keys) + "---|"]
     for r in sorted(rows, key=lambda r: r.get("latency_ms", {}).get("p50", float("inf"))):
         s = r.get("success")
         succ = f"{s['rate']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]" if s else "not run"
         lat = r.get("latency_ms", {})
         mark = ("★" if r["label"] in front else "") + ("✓" if r["label"] in within else "")
-        lines.append(f"| {r['label']} | {succ} | {s['episodes'] if s else 0} | {lat.get('p50', float('nan')):.1f} | "
+        named = ""
+        if choice:
+            nh, oh = r.get("named_handled"), r.get("other_handled")
+            named = (f"{nh['rate']:.2f} [{nh['ci95'][0]:.2f}, {nh['ci95'][1]:.2f}] | {oh['successes']}/{oh['episodes']} | "
+                     if nh else "- | - | ")
+        lines.append(f"| {r['label']} | {succ} | {s['episodes'] if s else 0} | {named}{lat.get('p50', float('nan')):.1f} | "
                      f"{lat.get('p95', float('nan')):.1f} | {r.get('flops_ratio', float('nan')):.3f} | "
                      + "".join(f"{r.get(k, float('nan')):.2e} | " for k in keys) + f"{mark} |")
     lines += ["", "Recommended per latency budget (the highest measured success whose frontier p95 meets the budget, "

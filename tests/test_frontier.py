@@ -109,6 +109,42 @@ def test_the_cross_task_summary_says_where_a_cache_earns_its_place(tmp_path):
         main([str(tmp_path / "nowhere")])
 
 
+def test_a_choice_scene_reports_the_named_and_the_other_object_pooled(tmp_path):
+    """Where the instruction names one of several objects, each cell's row pools the named and the other object
+    handled over its seed sets, and the table shows them; a cell whose seed set lacks the counts shows none."""
+    from eval.frontier_grid import Cell
+    from eval.frontier_report import collect, write_report
+
+    def summary(named, other, n=50, seed=0):
+        return {"n_successes": named, "n_episodes": n, "seeds": [seed, seed + n - 1], "mean_episode_steps": 90.0,
+                "language": {"n": n, "named_handled": named / n, "other_handled": other / n}}
+
+    cells = [Cell("flow", 10), Cell("flow", 1), Cell("flow", 2)]
+    for label, seed, s in [("flow-10", 0, summary(42, 2)), ("flow-10", 50, summary(38, 2, seed=50)),
+                           ("flow-1", 0, summary(30, 9))]:
+        (tmp_path / "cells" / label / f"s{seed}").mkdir(parents=True)
+        (tmp_path / "cells" / label / f"s{seed}" / "summary.json").write_text(json.dumps(s))
+    no_block = summary(40, 0)
+    del no_block["language"]
+    (tmp_path / "cells" / "flow-2" / "s0").mkdir(parents=True)
+    (tmp_path / "cells" / "flow-2" / "s0" / "summary.json").write_text(json.dumps(no_block))
+    latency = {"cells": {c.label: {"latency_ms": {"p50": 10.0 * c.K, "p95": 11.0 * c.K}, "flops_ratio": 1.0}
+                         for c in cells}}
+    rows = {r["label"]: r for r in collect(cells, tmp_path, latency)}
+    assert rows["flow-10"]["named_handled"]["successes"] == 80 and rows["flow-10"]["named_handled"]["episodes"] == 100
+    assert rows["flow-10"]["other_handled"]["successes"] == 4 and rows["flow-1"]["other_handled"]["successes"] == 9
+    assert "other_handled" not in rows["flow-2"]
+    cfg = OmegaConf.create({"env": {"name": "robomimic", "language": True, "task": "two_cubes"},
+                            "policy": {"name": "vla", "checkpoint": "ckpt"},
+                            "frontier": {"name": "vla", "n_episodes": 50}})
+    write_report(cfg, list(rows.values()), frontier.analyse(list(rows.values()), "flow-10"), tmp_path, latency)
+    table = (tmp_path / "frontier.md").read_text()
+    assert "| named object handled [95% CI] | another handled |" in table
+    assert "| flow-10 | 0.80 [0.71, 0.87] | 100 | 0.80 [0.71, 0.87] | 4/100 |" in table
+    assert "| flow-1 | 0.60 [0.46, 0.72] | 50 | 0.60 [0.46, 0.72] | 9/50 |" in table
+    assert "| flow-2 | 0.80 [0.67, 0.89] | 50 | - | - |" in table
+
+
 @pytest.fixture(scope="module")
 def calibrated(toy_checkpoint):
     """The toy checkpoint calibrated from its demos (writes calib_obs.npz and bench_obs.npz beside it)."""
